@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: install, make sure the local services are up, lint, run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/services.sh
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+if [ "$rc" -eq 5 ]; then echo "no tests ran"; exit 1; fi
+exit "$rc"
