@@ -1,0 +1,55 @@
+"""Evaluate a model (or bicubic) on a dataset folder with the conventions of method.md §6."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.data.datasets import EvalResult, bicubic_upscale, evaluate
+
+
+def model_upscaler(model: nn.Module, device: torch.device | str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+    """LR uint8 HxWx3 → SR float HxWx3 in [0, 1] (unclamped: scoring quantizes), whole image, fp32."""
+    device = torch.device(device)
+
+    @torch.inference_mode()
+    def upscale(lr: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).float().div_(255).unsqueeze(0)
+        return model(x.to(device))[0].permute(1, 2, 0).float().cpu().numpy()
+
+    return upscale
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    dataset_dir: Path,
+    scale: int,
+    device: torch.device | str = "cpu",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(model_upscaler(model, device), dataset_dir, scale, on_progress=on_progress)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(
+    name: str,
+    scale: int,
+    weights: Path | None,
+    dataset_dir: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """`name` is a preset (with `weights`) or "bicubic" (MATLAB bicubic of the LR file)."""
+    if name == "bicubic":
+        return evaluate(lambda lr: bicubic_upscale(lr, scale), dataset_dir, scale, on_progress=on_progress)
+    from core.models import create_model, load_checkpoint
+
+    model = create_model(name, scale) if weights is None else load_checkpoint(weights, preset=name, scale=scale)[0]
+    return evaluate_dataset(model, dataset_dir, scale, on_progress=on_progress)

@@ -1,0 +1,171 @@
+"""Stage 1 — fine-tune a copy of the teacher with Charbonnier + λ‖θ‖₁ (OBProx-SG); measure density d.
+
+Only d flows to stage 2 (method.md §1); the sparse weights are kept in the workdir for the record and
+for the optional `inherit` student init.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from core.data.datasets import TrainImages
+from core.losses import charbonnier_loss
+from core.models import deep_feature_weights
+from core.prune.obproxsg import OBProxSG, default_prox_epochs
+from core.training import (
+    CancelFn,
+    LoopEvery,
+    ProgressFn,
+    check_cancel,
+    load_checkpoint_state,
+    never_cancel,
+    no_progress,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+class PruneConfig(BaseModel):
+    """OBProx-SG fine-tuning (method.md §3.2 defaults)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    iterations: int = Field(1000, ge=1, description="optimizer steps")
+    lr: float = Field(5e-3, gt=0)
+    lambda_: float = Field(1e-4, gt=0, alias="lambda", description="ℓ1 strength λ")
+    eps: float = Field(1e-4, ge=0, description="orthant projection threshold")
+    charbonnier_eps: float = Field(1e-3, gt=0)
+    schedule: Literal["correct", "code-compat"] = "correct"
+    regularize: Literal["all", "deep_features_only"] = "all"
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class DensityPoint(BaseModel):
+    iteration: int
+    charbonnier: float
+    l1_norm: float
+    density: float
+    phase: str
+
+
+class PruneResult(BaseModel):
+    density: float = Field(description="non-zero / all entries of the deep-feature weights (method.md §3.3)")
+    counted_weights: int
+    nonzero_weights: int
+    per_layer_density: dict[str, float]
+    curve: list[DensityPoint]
+    iterations: int
+    epoch_size: int = Field(description="optimizer steps per epoch")
+    n_prox_epochs: int
+    final_phase: str
+    lambda_: float
+    seconds: float
+
+
+def density_report(model: nn.Module) -> tuple[float, int, int, dict[str, float]]:
+    """(d, counted, non-zero, per-tensor densities) over the raw deep-feature weights."""
+    weights = deep_feature_weights(model)
+    per_layer = {name: float((w != 0).sum()) / w.numel() for name, w in weights.items()}
+    counted = sum(w.numel() for w in weights.values())
+    nonzero = int(sum(int((w != 0).sum()) for w in weights.values()))
+    return nonzero / counted, counted, nonzero, per_layer
+
+
+def run_prune(
+    teacher: nn.Module,
+    data: TrainImages,
+    config: PruneConfig,
+    workdir: Path,
+    device: torch.device,
+    on_progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+) -> tuple[nn.Module, PruneResult]:
+    """Prune a copy of `teacher`; resumes from `workdir/prune.pt` when it exists."""
+    model = copy.deepcopy(teacher).to(device).train()
+    if config.regularize == "deep_features_only":
+        ids = {id(w) for w in deep_feature_weights(model).values()}
+        params = [p for p in model.parameters() if id(p) in ids]
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = list(model.parameters())
+    epoch_size = data.batches_per_epoch
+    total_epochs = max(1, math.ceil(config.iterations / epoch_size))
+    optimizer = OBProxSG(
+        params,
+        lr=config.lr,
+        lambda_=config.lambda_,
+        epoch_size=epoch_size,
+        n_prox_epochs=default_prox_epochs(total_epochs),
+        eps=config.eps,
+        schedule=config.schedule,
+    )
+    path = workdir / "prune.pt"
+    curve: list[DensityPoint] = []
+    start, elapsed = 0, 0.0
+    if (state := load_checkpoint_state(path)) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        curve = [DensityPoint(**p) for p in state["curve"]]
+        start, elapsed = state["iteration"], state["seconds"]
+
+    every = LoopEvery(log=config.log_every, checkpoint=config.checkpoint_every)
+    began = time.perf_counter() - elapsed
+    for iteration in range(start + 1, config.iterations + 1):
+        check_cancel(should_cancel)
+        lr_batch, hr_batch = (t.to(device) for t in data.batch(iteration))
+        loss = charbonnier_loss(model(lr_batch), hr_batch, eps=config.charbonnier_eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if every.due(every.log, iteration, config.iterations):
+            d = density_report(model)[0]
+            point = DensityPoint(
+                iteration=iteration,
+                charbonnier=float(loss.detach()),
+                l1_norm=float(sum(p.detach().abs().sum() for p in params)),
+                density=d,
+                phase=optimizer.phase,
+            )
+            curve.append(point)
+            on_progress("pruning", iteration / config.iterations, point.model_dump())
+        if every.due(every.checkpoint, iteration, config.iterations):
+            save_checkpoint(
+                path,
+                {
+                    "iteration": iteration,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": rng_state(),
+                    "curve": [p.model_dump() for p in curve],
+                    "seconds": time.perf_counter() - began,
+                },
+            )
+
+    density, counted, nonzero, per_layer = density_report(model)
+    result = PruneResult(
+        density=density,
+        counted_weights=counted,
+        nonzero_weights=nonzero,
+        per_layer_density=per_layer,
+        curve=curve,
+        iterations=config.iterations,
+        epoch_size=epoch_size,
+        n_prox_epochs=optimizer.n_prox_epochs,
+        final_phase=optimizer.phase,
+        lambda_=config.lambda_,
+        seconds=time.perf_counter() - began,
+    )
+    return model.eval(), result

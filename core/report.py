@@ -1,0 +1,152 @@
+"""Human-facing artifacts of a job: PSNR-vs-params plot, crop comparison, model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import nn  # noqa: E402
+
+from core.data.datasets import bicubic_upscale, find_pairs, load_pair  # noqa: E402
+from core.evaluate import model_upscaler  # noqa: E402
+
+if TYPE_CHECKING:
+    from core.pipeline import CompressionReport
+
+# Paper Table I (×2, Set5 PSNR-Y; #Ps in millions as printed — conventions differ, method.md §8).
+TABLE_I = {
+    "SRCNN": (0.057, 36.66),
+    "LapSRN": (0.251, 37.52),
+    "CARN": (1.59, 37.76),
+    "LatticeNet": (0.756, 38.15),
+    "IMDN": (0.694, 38.00),
+    "RLFN-S": (0.454, 38.05),
+    "FALSR-B": (0.326, 37.61),
+    "RT4KSR-XL": (0.092, 36.83),
+    "EDSR baseline": (1.37, 37.99),
+    "EDSRmini": (0.049, 37.67),
+    "SwinIR LW": (0.878, 38.14),
+    "SwinIRmini": (0.099, 37.88),
+}
+
+
+def psnr_params_png(report: CompressionReport, path: Path) -> None:
+    """PSNR on the first validation set against parameters, this job's teacher/student beside Table I."""
+    dataset = report.student.scores[0].dataset
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, (params_m, psnr) in TABLE_I.items():
+        ax.scatter(params_m * 1e3, psnr, color="0.6", s=18)
+        ax.annotate(name, (params_m * 1e3, psnr), fontsize=7, color="0.4", xytext=(3, 2), textcoords="offset points")
+    for label, summary, color in (("teacher", report.teacher, "tab:blue"), ("student", report.student, "tab:red")):
+        ax.scatter(summary.params / 1e3, summary.scores[0].psnr, color=color, s=40, label=f"this job: {label}")
+    ax.axhline(report.bicubic[0].psnr, color="0.8", linestyle="--", linewidth=1, label="bicubic")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (K)")
+    ax.set_ylabel(f"PSNR-Y (dB), {dataset} ×{report.params.scale}")
+    ax.set_title("Compact model vs. the paper's Table I (grey; Set5 ×2, their own #Ps conventions)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    return np.clip(image[top : top + size, left : left + size], 0, 1)
+
+
+def crop_comparison_png(teacher: nn.Module, student: nn.Module, dataset_dir: Path, scale: int, path: Path) -> None:
+    """bicubic / teacher / student / ground truth on the busiest crop of the first validation image."""
+    image = load_pair(find_pairs(dataset_dir, scale)[0], scale)
+    hr = image.hr.astype(np.float32) / 255
+    outputs = {
+        "bicubic": bicubic_upscale(image.lr, scale),
+        "teacher": model_upscaler(teacher.eval())(image.lr),
+        "student": model_upscaler(student.eval())(image.lr),
+    }
+    height, width = outputs["student"].shape[:2]
+    size = min(96, height, width)
+    # the crop with the most detail: largest gradient energy on a coarse grid
+    gray = hr[:height, :width].mean(axis=2)
+    energy = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    best, top, left = -1.0, 0, 0
+    for y in range(0, max(1, height - size), max(1, size // 2)):
+        for x in range(0, max(1, width - size), max(1, size // 2)):
+            e = float(energy[y : y + size, x : x + size].sum())
+            if e > best:
+                best, top, left = e, y, x
+    panels = {**outputs, "ground truth": hr}
+    fig, axes = plt.subplots(1, 4, figsize=(10, 2.9), dpi=110)
+    for ax, (name, picture) in zip(axes, panels.items(), strict=True):
+        ax.imshow(_crop(picture, top, left, size), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"{image.name} ×{scale}, crop at ({left}, {top})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_card(report: CompressionReport, path: Path) -> None:
+    """A model card: what it is, how it was made, its figures, and the licences that bind it."""
+    t, s = report.teacher, report.student
+    rows = "\n".join(
+        f"| {st.dataset} | {bt.psnr:.3f} / {bt.ssim:.4f} | {tt.psnr:.3f} / {tt.ssim:.4f} | {st.psnr:.3f} / {st.ssim:.4f} |"
+        for bt, tt, st in zip(report.bicubic, t.scores, s.scores, strict=True)
+    )
+    p = report.params
+    lam = p.lambda_ if p.lambda_ is not None else 1e-4
+    budget = (
+        f"parameter budget {p.target_params:,}"
+        if p.target_params
+        else f"MAC budget {p.target_gmacs} G"
+        if p.target_gmacs
+        else "the pruned density"
+    )
+    text = f"""# srcompress compact model: {s.config["family"]} ×{p.scale}
+
+A compact super-resolution model made by srcompress from the teacher `{p.model}`
+(`{report.teacher_source}`) with the three stages of "Compressing Deep Image Super-resolution Models"
+(Jiang et al., 2024): OBProx-SG ℓ1 pruning, density-driven compression, Laplacian knowledge distillation.
+
+## Architecture
+
+- student config: `{s.config}`
+- (N_c, N_l, N_b) = {tuple(report.compress.chosen)}, chosen from {budget}
+- params {s.params:,} ({s.params / t.params:.1%} of the teacher's {t.params:,}); MACs {s.macs / 1e9:.2f} G
+  ({s.macs / t.macs:.1%}) at LR {s.lr_size[0]}x{s.lr_size[1]} (torch FlopCounterMode, MACs = FLOPs/2)
+- latency: teacher {t.latency_ms:.1f} ms, student {s.latency_ms:.1f} ms ({report.latency_setup})
+
+## Quality (PSNR-Y dB / SSIM-Y; crop = scale, SR rounded to uint8)
+
+| set | bicubic | teacher | student |
+|---|---|---|---|
+{rows}
+
+## How it was made
+
+- prune: λ = {lam:g}, {report.prune.iterations} OBProx-SG steps, density d = {report.prune.density:.4f}
+  (final phase: {report.prune.final_phase})
+- compress: {report.compress.note}
+- distill: {report.distill.iterations} iterations, α = {p.alpha}, AdaMax, EMA weights
+  (best validation PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
+- seed {p.seed}; versions {report.versions}
+
+## Licences
+
+- Teacher weights: see their source (the RLFN weights of bytedance/RLFN are Apache-2.0).
+- Training and validation images: the shared benchmark and training sets carry academic-use terms from
+  their original publishers; a model trained on them inherits those terms — check before commercial use.
+
+## Files
+
+`model.safetensors` + `config.json` (load with `core.models.load_model`), `model.onnx` (max abs
+difference to PyTorch {report.export.onnx_max_abs_diff:.2e}; dynamic shapes: {report.export.onnx_dynamic_shapes}),
+`report.json`, `psnr_vs_params.png`, `crops.png`, `pipeline.log`.
+"""
+    path.write_text(text)

@@ -1,0 +1,120 @@
+"""What every training stage shares: device choice, determinism, EMA, atomic resumable checkpoints.
+
+A stage's checkpoint holds everything its loop needs to continue as if it had never stopped: weights,
+EMA, optimizer state (OBProx-SG's step/epoch counters included), the torch RNG (SwinIR's drop-path
+draws from it), the iteration and the history so far. Batches are a pure function of (seed, iteration)
+(`core.data.TrainImages.batch`), so on CPU with deterministic algorithms a resumed run ends with
+bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import Canceled, UserError
+
+# (stage, fraction of the stage done, latest metrics) -> None
+ProgressFn = Callable[[str, float, dict[str, Any]], None]
+CancelFn = Callable[[], bool]
+
+
+def no_progress(stage: str, fraction: float, metrics: dict[str, Any]) -> None:
+    """The default progress callback: ignore."""
+
+
+def never_cancel() -> bool:
+    return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; an explicit device that is missing is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed every RNG a stage draws from; with `deterministic`, make CPU/GPU kernels reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class EMA:
+    """Exponential moving average of a model's weights (the weights that are validated and exported)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for averaged, current in zip(self.model.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current.detach(), 1.0 - self.decay)
+        for averaged, current in zip(self.model.buffers(), model.buffers(), strict=True):
+            averaged.copy_(current)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename): a run killed mid-write keeps the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Any] | None:
+    """The stage checkpoint at `path`, or None when the stage has not saved one yet."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def check_cancel(should_cancel: CancelFn) -> None:
+    if should_cancel():
+        raise Canceled("canceled by request")
+
+
+@dataclass
+class LoopEvery:
+    """How often a loop logs, validates and checkpoints (in iterations; 0 = never, except at the end)."""
+
+    log: int = 10
+    validate: int = 0
+    checkpoint: int = 100
+
+    def due(self, what: int, iteration: int, last: int) -> bool:
+        return iteration == last or (what > 0 and iteration % what == 0)
