@@ -1,0 +1,137 @@
+"""Losses of the pruning and distillation stages (method.md §3 and §5).
+
+- Pruning minimises the Charbonnier loss; the ℓ1 term is applied by the optimizer (core.prune).
+- Distillation minimises  alpha·L1(student, gt) + L_Lap(student, teacher) + L_Lap(HF student, HF teacher),
+  where L_Lap is a 5-level Laplacian-pyramid L1 with per-level *means* weighted 2^i (the authors'
+  MultiLapLoss) and HF(x) = x − G(x) is the high-pass residual of the 5×5 binomial blur G.
+
+Everything works in float32 and float64 on (N, C, H, W) tensors; the blur is depthwise over C channels.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LAPLACIAN_LEVELS = 5
+
+
+def charbonnier_loss(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """mean √((x − y)² + ε²). The paper's form: ε squared under the root (BasicSR adds 1e-12 instead)."""
+    return torch.sqrt((x - y) ** 2 + eps * eps).mean()
+
+
+def _binomial_kernel(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(C, 1, 5, 5) depthwise kernel outer([1,4,6,4,1])/256 ≈ a Gaussian with σ = 1."""
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=dtype, device=device)
+    kernel = torch.outer(taps, taps) / 256.0
+    return kernel.expand(channels, 1, 5, 5).contiguous()
+
+
+def gaussian_blur5(x: torch.Tensor) -> torch.Tensor:
+    """5×5 binomial blur, depthwise, reflect padding 2 (mirror without repeating the edge pixel)."""
+    if x.dim() != 4:
+        raise ValueError(f"gaussian_blur5 expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    return F.conv2d(padded, _binomial_kernel(channels, x.dtype, x.device), groups=channels)
+
+
+def _upsample_zero_insert(x: torch.Tensor) -> torch.Tensor:
+    """2× upsampling: values at even (0-based) positions, zeros elsewhere, then 4·G to fill the holes."""
+    n, c, h, w = x.shape
+    holes = x.new_zeros(n, c, 2 * h, 2 * w)
+    holes[:, :, ::2, ::2] = x
+    return 4.0 * gaussian_blur5(holes)
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> list[torch.Tensor]:
+    """Band-pass levels finest first, then the final low-pass image (method.md §5.1).
+
+    Each of the levels−1 steps: b = G(cur); down = 2×2 average pool of b; up = 4·G(zero-inserted down);
+    emit cur − up; cur = down. H and W must be divisible by 2^(levels−1) so every pool is exact, and
+    large enough for the reflect padding of the coarsest blur (≥ 32 for 5 levels).
+    """
+    if levels < 1:
+        raise ValueError(f"laplacian_pyramid needs levels >= 1, got {levels}")
+    factor = 2 ** (levels - 1)
+    height, width = x.shape[-2:]
+    if height % factor or width % factor:
+        raise ValueError(
+            f"laplacian_pyramid with {levels} levels needs H and W divisible by {factor}, "
+            f"got {height}×{width} (crop or pad the patch)"
+        )
+    # The coarsest blur runs on H/2^(levels−2) × W/2^(levels−2); reflect padding 2 needs ≥ 3 there.
+    coarsest = max(1, factor // 2)
+    if levels > 1 and min(height, width) // coarsest < 3:
+        smallest = factor * math.ceil(3 * coarsest / factor)
+        raise ValueError(
+            f"laplacian_pyramid with {levels} levels needs H and W >= {smallest}, got {height}×{width}"
+        )
+    pyramid = []
+    current = x
+    for _ in range(levels - 1):
+        down = F.avg_pool2d(gaussian_blur5(current), kernel_size=2, stride=2)
+        pyramid.append(current - _upsample_zero_insert(down))
+        current = down
+    pyramid.append(current)
+    return pyramid
+
+
+def laplacian_level_means(
+    x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEVELS
+) -> list[torch.Tensor]:
+    """Unweighted mean|P_i(x) − P_i(y)| per level, P_0 finest (for logging and tests)."""
+    pairs = zip(laplacian_pyramid(x, levels), laplacian_pyramid(y, levels), strict=True)
+    return [(px - py).abs().mean() for px, py in pairs]
+
+
+def laplacian_loss(x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
+    """L_Lap(x, y) = Σ_i 2^i · mean|P_i(x) − P_i(y)|; the low-pass level gets the largest weight.
+
+    Means, not sums: the summed variant (ST-MFNet) is 10⁴–10⁶ times larger and swamps the L1 term.
+    """
+    level_means = laplacian_level_means(x, y, levels)
+    return sum((2.0**i) * mean for i, mean in enumerate(level_means))
+
+
+def high_frequency(x: torch.Tensor) -> torch.Tensor:
+    """HF(x) = x − G(x): the high-pass residual, not the blurred image."""
+    return x - gaussian_blur5(x)
+
+
+@dataclass(frozen=True)
+class KDLossParts:
+    """The distillation loss and its parts (scalar tensors; `total` carries the graph)."""
+
+    total: torch.Tensor
+    l1: torch.Tensor  # L1(student, gt), before the alpha weight
+    lap: torch.Tensor  # L_Lap(student, teacher)
+    lap_hf: torch.Tensor  # L_Lap(HF student, HF teacher)
+
+    def as_floats(self) -> dict[str, float]:
+        """Detached Python floats for logging."""
+        return {name: float(getattr(self, name).detach()) for name in ("total", "l1", "lap", "lap_hf")}
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_dis = L_Lap(student, teacher) + L_Lap(HF student, HF teacher)."""
+    return laplacian_loss(student, teacher) + laplacian_loss(high_frequency(student), high_frequency(teacher))
+
+
+def kd_loss_parts(
+    student: torch.Tensor, teacher: torch.Tensor, gt: torch.Tensor, alpha: float = 0.1
+) -> KDLossParts:
+    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging."""
+    l1 = F.l1_loss(student, gt)
+    lap = laplacian_loss(student, teacher)
+    lap_hf = laplacian_loss(high_frequency(student), high_frequency(teacher))
+    return KDLossParts(total=alpha * l1 + lap + lap_hf, l1=l1, lap=lap, lap_hf=lap_hf)
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, gt: torch.Tensor, alpha: float = 0.1
+) -> torch.Tensor:
+    """The total KD loss L_total (paper eq. 8–9, α = 0.1); see kd_loss_parts for the parts."""
+    return kd_loss_parts(student, teacher, gt, alpha).total
