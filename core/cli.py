@@ -54,9 +54,9 @@ def _progress_bar(total: int | None, desc: str):
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from core.complexity import count_macs, count_params, default_lr_size
     import torch
 
+    from core.complexity import count_macs, count_params, default_lr_size
     from core.models import PRESETS, build_model, preset_config
 
     rows = []
@@ -157,7 +157,9 @@ def _pipeline_progress():
         if stage not in bars:
             for bar in bars.values():
                 bar.close()
-            bars[stage] = tqdm(total=1000, desc=stage, bar_format="{desc:<12}{bar}| {percentage:3.0f}% {postfix}")
+            bars[stage] = tqdm(
+                total=1000, desc=stage, bar_format="{desc:<12}{bar}| {percentage:3.0f}% {postfix}"
+            )
         bar = bars[stage]
         bar.n = int(fraction * 1000)
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items() if k != "phase"}
@@ -203,7 +205,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     for bar in bars.values():
         bar.close()
     t, s = report.teacher, report.student
-    print(f"student {tuple(report.compress.chosen)} (nc, nl, nb): {s.params:,} params ({s.params / t.params:.1%})")
+    print(
+        f"student {tuple(report.compress.chosen)} (nc, nl, nb): "
+        f"{s.params:,} params ({s.params / t.params:.1%})"
+    )
     for bt, tt, st in zip(report.bicubic, t.scores, s.scores, strict=True):
         print(f"  {st.dataset:<10} bicubic {bt.psnr:.3f}  teacher {tt.psnr:.3f}  student {st.psnr:.3f} dB")
     if report.pruning_ineffective:
@@ -231,7 +236,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = run_training(config, args.out, on_progress=on_progress)
     for bar in bars.values():
         bar.close()
-    print(f"trained {args.model} x{args.scale}: best {result.best_psnr:.3f} dB at iteration {result.best_iteration}")
+    print(
+        f"trained {args.model} x{args.scale}: "
+        f"best {result.best_psnr:.3f} dB at iteration {result.best_iteration}"
+    )
     print(f"model in {args.out / 'model'}")
 
 
@@ -312,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true")
+
+    # The service's commands (serve, keys, worker) live with the service; this is the one place where
+    # the command line joins the rooms. Core itself never imports api/ or worker/.
+    from api.cli import register as register_api
+    from worker.cli import register as register_worker
+
+    register_api(sub)
+    register_worker(sub)
     return parser
 
 

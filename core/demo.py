@@ -31,17 +31,66 @@ def run(out: Path) -> int:
     teacher = SHARED_TEACHER
     if not teacher.exists():
         print("../shared/weights absent: training a small rlfn_s teacher on the sample images first")
-        steps.append(["train", "rlfn_s", "--scale", "2", "--train", str(sample), "--val", str(sample),
-                      "--iters", "200", "--batch-size", "8", "--out", str(out / "teacher"), "--resume"])
+        steps.append(
+            [
+                "train",
+                "rlfn_s",
+                "--scale",
+                "2",
+                "--train",
+                str(sample),
+                "--val",
+                str(sample),
+                "--iters",
+                "200",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out / "teacher"),
+                "--resume",
+            ]
+        )
         teacher = out / "teacher" / "model"
-    steps.append([
-        "compress", "rlfn_s", "--scale", "2", "--teacher", str(teacher), "--train", str(sample),
-        "--val", str(sample), "--target-params", "45000", "--prune-iters", "20", "--distill-iters", "300",
-        "--batch-size", "8", "--validate-every", "100", "--out", str(out / "job"), "--resume",
-    ])
+    steps.append(
+        [
+            "compress",
+            "rlfn_s",
+            "--scale",
+            "2",
+            "--teacher",
+            str(teacher),
+            "--train",
+            str(sample),
+            "--val",
+            str(sample),
+            "--target-params",
+            "45000",
+            "--prune-iters",
+            "20",
+            "--distill-iters",
+            "300",
+            "--batch-size",
+            "8",
+            "--validate-every",
+            "100",
+            "--out",
+            str(out / "job"),
+            "--resume",
+        ]
+    )
     image = next(sample.glob("*.png"))
-    steps.append(["upscale", "rlfn_s", "--scale", "2", "--weights", str(out / "job" / "out"), str(image),
-                  str(out / f"{image.stem}_x2.png")])
+    steps.append(
+        [
+            "upscale",
+            "rlfn_s",
+            "--scale",
+            "2",
+            "--weights",
+            str(out / "job" / "out"),
+            str(image),
+            str(out / f"{image.stem}_x2.png"),
+        ]
+    )
     for step in steps:
         print("\n$ srcompress " + " ".join(step))
         if (code := cli(step)) != 0:

@@ -12,7 +12,9 @@ from torch import nn
 from core.data.datasets import EvalResult, bicubic_upscale, evaluate
 
 
-def model_upscaler(model: nn.Module, device: torch.device | str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
+def model_upscaler(
+    model: nn.Module, device: torch.device | str = "cpu"
+) -> Callable[[np.ndarray], np.ndarray]:
     """LR uint8 HxWx3 → SR float HxWx3 in [0, 1] (unclamped: scoring quantizes), whole image, fp32."""
     device = torch.device(device)
 
@@ -51,5 +53,9 @@ def evaluate_model(
         return evaluate(lambda lr: bicubic_upscale(lr, scale), dataset_dir, scale, on_progress=on_progress)
     from core.models import create_model, load_checkpoint
 
-    model = create_model(name, scale) if weights is None else load_checkpoint(weights, preset=name, scale=scale)[0]
+    model = (
+        create_model(name, scale)
+        if weights is None
+        else load_checkpoint(weights, preset=name, scale=scale)[0]
+    )
     return evaluate_dataset(model, dataset_dir, scale, on_progress=on_progress)

@@ -22,20 +22,25 @@ def charbonnier_loss(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> tor
     return torch.sqrt((x - y) ** 2 + eps * eps).mean()
 
 
-def _binomial_kernel(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(C, 1, 5, 5) depthwise kernel outer([1,4,6,4,1])/256 ≈ a Gaussian with σ = 1."""
-    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=dtype, device=device)
-    kernel = torch.outer(taps, taps) / 256.0
-    return kernel.expand(channels, 1, 5, 5).contiguous()
+def _binomial_taps(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """[1, 4, 6, 4, 1]/16 along `dim` of an input padded by 2 there ('valid': the result is 4 shorter)."""
+    n = x.shape[dim] - 4
+    tap = lambda i: x.narrow(dim, i, n)  # noqa: E731
+    return (tap(0) + tap(4) + 4.0 * (tap(1) + tap(3)) + 6.0 * tap(2)) / 16.0
 
 
 def gaussian_blur5(x: torch.Tensor) -> torch.Tensor:
-    """5×5 binomial blur, depthwise, reflect padding 2 (mirror without repeating the edge pixel)."""
+    """5×5 binomial blur outer([1,4,6,4,1])/256, per channel, reflect padding 2 (mirror without
+    repeating the edge pixel).
+
+    Applied as two 1-D passes of shifted adds rather than a depthwise conv: the same numbers, but on a
+    CPU about 8× faster forward and backward (depthwise 5×5 convs are a slow path in oneDNN), which
+    matters because the KD loss runs this 34 times per step.
+    """
     if x.dim() != 4:
         raise ValueError(f"gaussian_blur5 expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    channels = x.shape[1]
     padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
-    return F.conv2d(padded, _binomial_kernel(channels, x.dtype, x.device), groups=channels)
+    return _binomial_taps(_binomial_taps(padded, 2), 3)
 
 
 def _upsample_zero_insert(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,9 @@ class JobParams(BaseModel):
     scale: Literal[2, 3, 4]
     lambda_: float | None = Field(None, gt=0, alias="lambda", description="ℓ1 strength λ (default 1e-4)")
     target_params: int | None = Field(None, ge=1, description="size budget: student parameters")
-    target_gmacs: float | None = Field(None, gt=0, description="size budget: student GMACs at the default LR size")
+    target_gmacs: float | None = Field(
+        None, gt=0, description="size budget: student GMACs at the default LR size"
+    )
     alpha: float = Field(0.1, ge=0, description="weight of L1(student, ground truth)")
     prune_iters: int = Field(500, ge=1)
     distill_iters: int = Field(2000, ge=1)
@@ -63,7 +65,10 @@ class JobParams(BaseModel):
         if self.target_params is not None and self.target_gmacs is not None:
             raise ValueError("give at most one of target_params and target_gmacs")
         if self.patch_size % 8:
-            raise ValueError(f"patch_size must be a multiple of 8 (HR patches feed a 5-level pyramid), got {self.patch_size}")
+            raise ValueError(
+                f"patch_size must be a multiple of 8 (HR patches feed a 5-level pyramid), "
+                f"got {self.patch_size}"
+            )
         return self
 
 
@@ -123,7 +128,9 @@ class _State:
         return self.data["results"][stage]
 
     def put(self, stage: str, result: BaseModel | dict, seconds: float) -> None:
-        self.data["results"][stage] = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        self.data["results"][stage] = (
+            result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        )
         self.data["seconds"][stage] = seconds
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
@@ -211,7 +218,11 @@ def run_pipeline(
     try:
         seed_everything(config.seed)
         train = TrainImages.from_folders(
-            config.train_data, config.scale, lr_patch=config.patch_size, batch_size=config.batch_size, seed=config.seed
+            config.train_data,
+            config.scale,
+            lr_patch=config.patch_size,
+            batch_size=config.batch_size,
+            seed=config.seed,
         )
         log.info("training images: %d (%d too small: %s)", len(train), len(train.skipped), train.skipped)
 
@@ -262,7 +273,15 @@ def run_pipeline(
                 checkpoint_every=config.checkpoint_every,
             )
             student, distill = run_distill(
-                student, teacher, train, config.val_data[0], distill_config, workdir, device, on_progress, should_cancel
+                student,
+                teacher,
+                train,
+                config.val_data[0],
+                distill_config,
+                workdir,
+                device,
+                on_progress,
+                should_cancel,
             )
             save_model(student, student_dir)
             state.put("distilling", distill, time.perf_counter() - began)
@@ -278,15 +297,20 @@ def run_pipeline(
             for i, folder in enumerate(config.val_data):
                 for name, model in (("teacher", teacher), ("student", student)):
                     result = evaluate_dataset(model, folder, config.scale, device=device)
-                    scores[name].append(DatasetScore(dataset=result.dataset, psnr=result.psnr, ssim=result.ssim).model_dump())
+                    scores[name].append(
+                        DatasetScore(dataset=result.dataset, psnr=result.psnr, ssim=result.ssim).model_dump()
+                    )
                 bicubic = evaluate_model("bicubic", config.scale, None, folder)
-                scores["bicubic"].append(DatasetScore(dataset=bicubic.dataset, psnr=bicubic.psnr, ssim=bicubic.ssim).model_dump())
+                scores["bicubic"].append(
+                    DatasetScore(dataset=bicubic.dataset, psnr=bicubic.psnr, ssim=bicubic.ssim).model_dump()
+                )
                 on_progress("evaluating", (i + 1) / len(config.val_data), {"dataset": bicubic.dataset})
             lr_size = (320, 180)
             scores["latency_ms"] = {
                 "teacher": measure_latency(teacher, device, lr_size),
                 "student": measure_latency(student, device, lr_size),
-                "setup": f"fp32 eager, batch 1, LR {lr_size[0]}x{lr_size[1]}, {device}, {torch.get_num_threads()} threads",
+                "setup": f"fp32 eager, batch 1, LR {lr_size[0]}x{lr_size[1]}, {device}, "
+                f"{torch.get_num_threads()} threads",
             }
             state.put("evaluating", scores, time.perf_counter() - began)
         scores = state.get("evaluating")

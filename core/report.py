@@ -41,14 +41,23 @@ def psnr_params_png(report: CompressionReport, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, (params_m, psnr) in TABLE_I.items():
         ax.scatter(params_m * 1e3, psnr, color="0.6", s=18)
-        ax.annotate(name, (params_m * 1e3, psnr), fontsize=7, color="0.4", xytext=(3, 2), textcoords="offset points")
-    for label, summary, color in (("teacher", report.teacher, "tab:blue"), ("student", report.student, "tab:red")):
-        ax.scatter(summary.params / 1e3, summary.scores[0].psnr, color=color, s=40, label=f"this job: {label}")
+        ax.annotate(
+            name, (params_m * 1e3, psnr), fontsize=7, color="0.4", xytext=(3, 2), textcoords="offset points"
+        )
+    for label, summary, color in (
+        ("teacher", report.teacher, "tab:blue"),
+        ("student", report.student, "tab:red"),
+    ):
+        ax.scatter(
+            summary.params / 1e3, summary.scores[0].psnr, color=color, s=40, label=f"this job: {label}"
+        )
     ax.axhline(report.bicubic[0].psnr, color="0.8", linestyle="--", linewidth=1, label="bicubic")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (K)")
     ax.set_ylabel(f"PSNR-Y (dB), {dataset} ×{report.params.scale}")
-    ax.set_title("Compact model vs. the paper's Table I (grey; Set5 ×2, their own #Ps conventions)", fontsize=9)
+    ax.set_title(
+        "Compact model vs. the paper's Table I (grey; Set5 ×2, their own #Ps conventions)", fontsize=9
+    )
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -60,7 +69,9 @@ def _crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return np.clip(image[top : top + size, left : left + size], 0, 1)
 
 
-def crop_comparison_png(teacher: nn.Module, student: nn.Module, dataset_dir: Path, scale: int, path: Path) -> None:
+def crop_comparison_png(
+    teacher: nn.Module, student: nn.Module, dataset_dir: Path, scale: int, path: Path
+) -> None:
     """bicubic / teacher / student / ground truth on the busiest crop of the first validation image."""
     image = load_pair(find_pairs(dataset_dir, scale)[0], scale)
     hr = image.hr.astype(np.float32) / 255
@@ -96,7 +107,8 @@ def write_card(report: CompressionReport, path: Path) -> None:
     """A model card: what it is, how it was made, its figures, and the licences that bind it."""
     t, s = report.teacher, report.student
     rows = "\n".join(
-        f"| {st.dataset} | {bt.psnr:.3f} / {bt.ssim:.4f} | {tt.psnr:.3f} / {tt.ssim:.4f} | {st.psnr:.3f} / {st.ssim:.4f} |"
+        f"| {st.dataset} | {bt.psnr:.3f} / {bt.ssim:.4f} | {tt.psnr:.3f} / {tt.ssim:.4f} "
+        f"| {st.psnr:.3f} / {st.ssim:.4f} |"
         for bt, tt, st in zip(report.bicubic, t.scores, s.scores, strict=True)
     )
     p = report.params
@@ -146,7 +158,8 @@ A compact super-resolution model made by srcompress from the teacher `{p.model}`
 ## Files
 
 `model.safetensors` + `config.json` (load with `core.models.load_model`), `model.onnx` (max abs
-difference to PyTorch {report.export.onnx_max_abs_diff:.2e}; dynamic shapes: {report.export.onnx_dynamic_shapes}),
+difference to PyTorch {report.export.onnx_max_abs_diff:.2e};
+dynamic shapes: {report.export.onnx_dynamic_shapes}),
 `report.json`, `psnr_vs_params.png`, `crops.png`, `pipeline.log`.
 """
     path.write_text(text)

@@ -48,7 +48,11 @@ def run_training(
     seed_everything(config.seed)
     model = create_model(config.model, config.scale)
     data = TrainImages.from_folders(
-        config.train_data, config.scale, lr_patch=config.patch_size, batch_size=config.batch_size, seed=config.seed
+        config.train_data,
+        config.scale,
+        lr_patch=config.patch_size,
+        batch_size=config.batch_size,
+        seed=config.seed,
     )
     loop = DistillConfig(
         iterations=config.iterations,
@@ -60,7 +64,16 @@ def run_training(
         max_seconds=config.max_seconds,
     )
     model, result = run_distill(
-        model, None, data, config.val_data[0], loop, workdir, device, on_progress, should_cancel, stage="training"
+        model,
+        None,
+        data,
+        config.val_data[0],
+        loop,
+        workdir,
+        device,
+        on_progress,
+        should_cancel,
+        stage="training",
     )
     save_model(model.to(torch.device("cpu")), workdir / "model")
     (workdir / "training.json").write_text(result.model_dump_json(indent=2))

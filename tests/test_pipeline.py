@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from core.cli import main as cli
-from core.errors import UserError
 from core.data.sample import sample_dir
+from core.errors import UserError
 from core.pipeline import CompressionReport, JobConfig, run_pipeline
 
 TINY = dict(
@@ -71,8 +71,16 @@ def test_tiny_run_produces_every_artifact(tmp_path, teacher, tiny_images):
         on_progress=lambda stage, fraction, metrics: events.append((stage, fraction)),
     )
     out = tmp_path / "out"
-    for name in ("model.safetensors", "config.json", "model.onnx", "MODEL_CARD.md", "report.json",
-                 "psnr_vs_params.png", "crops.png", "pipeline.log"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "model.onnx",
+        "MODEL_CARD.md",
+        "report.json",
+        "psnr_vs_params.png",
+        "crops.png",
+        "pipeline.log",
+    ):
         assert (out / name).stat().st_size > 0, name
     # stages report in order, each ending at 1.0
     stages = list(dict.fromkeys(stage for stage, _ in events))
@@ -123,7 +131,9 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, teacher, tiny_ima
     assert 0 < stopped_at < 40
     assert not (resumed / "out" / "report.json").exists()
 
-    run = subprocess.run(_cli_compress(teacher, tiny_images, resumed, "--resume"), env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        _cli_compress(teacher, tiny_images, resumed, "--resume"), env=env, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr
     state = json.loads((resumed / "state.json").read_text())
     assert state["results"]["distilling"]["iterations"] == 40

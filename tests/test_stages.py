@@ -76,7 +76,11 @@ def test_prune_with_a_strong_lambda_zeroes_weights(family, patches, tmp_path):
     assert len(result.curve) == 1 and result.curve[0].density == pytest.approx(result.density)
     assert all(0 <= d <= 1 for d in result.per_layer_density.values())
     # the teacher itself is untouched
-    assert all(bool((p != 0).all()) or p.numel() == 0 for n, p in teacher.named_parameters() if n.endswith("weight") and p.ndim == 4)
+    assert all(
+        bool((p != 0).all()) or p.numel() == 0
+        for n, p in teacher.named_parameters()
+        if n.endswith("weight") and p.ndim == 4
+    )
 
 
 @pytest.mark.parametrize("family", ["edsr", "swinir", "rlfn"])

@@ -1,0 +1,2 @@
+"""Compression workers: a Celery app (app.py), its task and reaper thread (tasks.py), the plain-Python
+job runner (runner.py), the lease reaper (reaper.py) and the ``srcompress worker`` command (cli.py)."""

@@ -105,8 +105,13 @@ def run_compress(teacher_config: ModelConfig, density: float, config: CompressCo
     if ineffective:
         note += (
             f" pruning_ineffective: the pruned density {density:.4f} "
-            + (f"is above {INEFFECTIVE_DENSITY}" if density > INEFFECTIVE_DENSITY else "gives the teacher's own config")
-            + "; on a short pruning budget λ barely acts (method.md §3.2) — use a size target or more iterations."
+            + (
+                f"is above {INEFFECTIVE_DENSITY}"
+                if density > INEFFECTIVE_DENSITY
+                else "gives the teacher's own config"
+            )
+            + "; on a short pruning budget λ barely acts (method.md §3.2) — "
+            "use a size target or more iterations."
         )
     return CompressResult(
         pruned_density=density,

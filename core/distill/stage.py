@@ -26,6 +26,7 @@ from core.evaluate import evaluate_dataset
 from core.inference import upscale_array
 from core.losses import kd_loss_parts
 from core.training import (
+    CHANNELS_LAST,
     EMA,
     CancelFn,
     LoopEvery,
@@ -37,6 +38,7 @@ from core.training import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    to_device,
 )
 
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
@@ -118,12 +120,12 @@ def run_distill(
     family = student.config.family
     fractions = config.lr_milestones if config.lr_milestones is not None else DEFAULT_MILESTONES[family]
     milestones = sorted({max(1, round(f * config.iterations)) for f in fractions})
-    student = student.to(device).train()
+    student = student.to(device, memory_format=CHANNELS_LAST).train()
     ema = EMA(student, config.ema_decay)
     optimizer = make_optimizer(student, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
     if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = teacher.to(device, memory_format=CHANNELS_LAST).eval().requires_grad_(False)
 
     path = workdir / f"{stage}.pt"
     best_path = workdir / f"{stage}_best.pt"
@@ -153,7 +155,9 @@ def run_distill(
         result = evaluate_dataset(ema.model, val_dir, data.scale, device=device)
         return ValPoint(iteration=iteration, psnr=result.psnr, ssim=result.ssim)
 
-    every = LoopEvery(log=config.log_every, validate=config.validate_every, checkpoint=config.checkpoint_every)
+    every = LoopEvery(
+        log=config.log_every, validate=config.validate_every, checkpoint=config.checkpoint_every
+    )
     began = time.perf_counter() - elapsed
     iteration, stopped_early = start, False
     while iteration < config.iterations:
@@ -161,11 +165,11 @@ def run_distill(
         iteration += 1
         if cache is not None:
             lr_batch, hr_batch, teacher_batch = data.batch(iteration, extra=cache)
-            teacher_out = teacher_batch.to(device)
+            teacher_out = to_device(teacher_batch, device)
         else:
             lr_batch, hr_batch = data.batch(iteration)
             teacher_out = None
-        lr_batch, hr_batch = lr_batch.to(device), hr_batch.to(device)
+        lr_batch, hr_batch = to_device(lr_batch, device), to_device(hr_batch, device)
         out = student(lr_batch)
         if config.loss == "kd":
             if teacher_out is None:

@@ -21,6 +21,7 @@ from core.losses import charbonnier_loss
 from core.models import deep_feature_weights
 from core.prune.obproxsg import OBProxSG, default_prox_epochs
 from core.training import (
+    CHANNELS_LAST,
     CancelFn,
     LoopEvery,
     ProgressFn,
@@ -31,6 +32,7 @@ from core.training import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    to_device,
 )
 
 
@@ -91,7 +93,7 @@ def run_prune(
     should_cancel: CancelFn = never_cancel,
 ) -> tuple[nn.Module, PruneResult]:
     """Prune a copy of `teacher`; resumes from `workdir/prune.pt` when it exists."""
-    model = copy.deepcopy(teacher).to(device).train()
+    model = copy.deepcopy(teacher).to(device, memory_format=CHANNELS_LAST).train()
     if config.regularize == "deep_features_only":
         ids = {id(w) for w in deep_feature_weights(model).values()}
         params = [p for p in model.parameters() if id(p) in ids]
@@ -125,7 +127,7 @@ def run_prune(
     began = time.perf_counter() - elapsed
     for iteration in range(start + 1, config.iterations + 1):
         check_cancel(should_cancel)
-        lr_batch, hr_batch = (t.to(device) for t in data.batch(iteration))
+        lr_batch, hr_batch = (to_device(t, device) for t in data.batch(iteration))
         loss = charbonnier_loss(model(lr_batch), hr_batch, eps=config.charbonnier_eps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,96 @@
+"""The FastAPI application: ``create_app(settings)``; ``app`` is the instance uvicorn serves
+(``uvicorn api.app:app``), configured from the environment (SRCOMPRESS_*) when it starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from api.deps import Services
+from api.errors import ApiError, error_response, install_error_handlers
+from api.routes import datasets, health, jobs, models, upscale
+from store.settings import Settings
+
+log = logging.getLogger("srcompress.api")
+
+API_VERSION = "1.0.0"
+# Multipart overhead allowed on top of max_upload_bytes before a request is refused by its length alone.
+MULTIPART_SLACK_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app. Services (database engine, blob store, broker client, upscale pool, model cache) are
+    created when the app starts (lifespan) from ``settings``, or from the environment when None."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resolved = settings or Settings()
+        services = Services.build(resolved)
+        services.extras["upscale_pool"] = upscale.UpscalePool(
+            resolved.upscale_concurrency, resolved.upscale_queue
+        )
+        services.extras["model_cache"] = upscale.ModelCache(resolved.model_cache_bytes)
+        services.extras["metrics"] = health.Metrics(services)
+        services.extras["presets"] = models.PresetTable(resolved.data_dir / "cache")
+        app.state.services = services
+        try:
+            datasets.ensure_sample_dataset(services)
+        except Exception:  # the API still serves everything else; /readyz shows what is down
+            log.exception("could not register the built-in sample dataset")
+        try:
+            yield
+        finally:
+            services.extras["upscale_pool"].shutdown()
+            services.close()
+
+    app = FastAPI(
+        title="srcompress",
+        version=API_VERSION,
+        description="Compress deep image super-resolution models (Jiang et al., 2024) and serve them. "
+        "Every /v1 route needs `Authorization: Bearer <key>`. Errors are "
+        '`{"error": {"code", "message", "details"}}`.',
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        began = time.perf_counter()
+        services: Services | None = getattr(request.app.state, "services", None)
+        length = request.headers.get("content-length")
+        if services is not None and length and length.isdigit():
+            limit = services.settings.max_upload_bytes + MULTIPART_SLACK_BYTES
+            if int(length) > limit:
+                # Refuse before reading the body: nothing over the limit is buffered.
+                error = ApiError(
+                    413,
+                    "payload_too_large",
+                    f"request body of {int(length):,} bytes is over the "
+                    f"{services.settings.max_upload_bytes:,}-byte upload limit",
+                )
+                response = error_response(error.status, error.code, error.message, {"limit_bytes": limit})
+                response.headers["Connection"] = "close"
+                return response
+        response = await call_next(request)
+        if services is not None:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            metrics = services.extras["metrics"]
+            metrics.requests.labels(request.method, template, str(response.status_code)).inc()
+            metrics.latency.labels(template).observe(time.perf_counter() - began)
+        return response
+
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(upscale.router)
+    return app
+
+
+app = create_app()

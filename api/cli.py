@@ -1,0 +1,204 @@
+"""`srcompress serve` (the embedded default: API + a real Celery worker, no other service needed) and
+`srcompress keys create|list|revoke`. ``register(subparsers)`` adds them to core's CLI; ``python -m
+api.cli`` runs them on their own."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from api.deps import TASK_QUEUE
+from store.settings import Settings
+
+WORKER_MODULE = "worker.app"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """SRCOMPRESS_* variables that make another process (the worker) see exactly these settings."""
+    env = {}
+    for name in Settings.model_fields:
+        value: Any = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"SRCOMPRESS_{name.upper()}"] = str(value)
+    return env
+
+
+def worker_command(concurrency: int = 1) -> list[str]:
+    """The Celery worker the embedded default starts (the same command production runs per GPU)."""
+    return [
+        sys.executable, "-m", "celery", "-A", WORKER_MODULE, "worker",
+        "--concurrency", str(concurrency), "--pool", "solo" if concurrency == 1 else "prefork",
+        "--queues", TASK_QUEUE, "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def worker_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(WORKER_MODULE) is not None
+
+
+def ensure_first_key(settings: Settings) -> str | None:
+    """Create a key named 'default' when the database has none; returns its raw value (else None)."""
+    from sqlalchemy import func, select
+
+    from store.apikeys import create_api_key
+    from store.db import make_engine, session_factory
+    from store.tables import ApiKey
+
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            if session.execute(select(func.count()).select_from(ApiKey)).scalar_one():
+                return None
+            return create_api_key(session, "default")[1]
+    finally:
+        engine.dispose()
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.app import create_app
+    from store.db import migrate
+
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    settings = Settings(**overrides)
+    migrate(settings.database_url)
+    first_key = ensure_first_key(settings)
+
+    worker: subprocess.Popen[bytes] | None = None
+    if args.no_worker:
+        print("srcompress: API only (--no-worker): jobs wait until a worker runs", file=sys.stderr)
+    elif not worker_available():
+        print(f"srcompress: {WORKER_MODULE} is not installed; jobs stay queued", file=sys.stderr)
+    else:
+        env = {**os.environ, **settings_env(settings)}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        worker = subprocess.Popen(worker_command(args.worker_concurrency), env=env, cwd=REPO_ROOT)
+
+    url = f"http://{args.host}:{args.port}"
+    print(f"srcompress API on {url}  (docs: {url}/docs; data in {settings.data_dir})", flush=True)
+    if first_key:
+        print(f"first API key (shown once): {first_key}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # Celery's warm shutdown: the running task is released
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def _key_sessions() -> tuple[Any, Any]:
+    from store.db import make_engine, migrate, session_factory
+
+    settings = Settings()
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    return engine, session_factory(engine)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> None:
+    from store.apikeys import create_api_key
+
+    engine, sessions = _key_sessions()
+    try:
+        with sessions.begin() as session:
+            row, raw_key = create_api_key(session, args.name)
+    finally:
+        engine.dispose()
+    print(f"created key {row.id} ({args.name}); it is shown only this once:", file=sys.stderr)
+    print(raw_key)
+
+
+def cmd_keys_list(_args: argparse.Namespace) -> None:
+    from sqlalchemy import select
+
+    from store.tables import ApiKey
+
+    engine, sessions = _key_sessions()
+    try:
+        with sessions() as session:
+            for row in session.execute(select(ApiKey).order_by(ApiKey.created_at)).scalars():
+                state = "revoked" if row.revoked else "active"
+                print(f"{row.id}  src_{row.prefix}_…  {state:<8} {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+    finally:
+        engine.dispose()
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from core.errors import UserError
+    from store.apikeys import revoke_api_key
+
+    engine, sessions = _key_sessions()
+    try:
+        with sessions.begin() as session:
+            if not revoke_api_key(session, args.key_id):
+                raise UserError(f"no API key with id {args.key_id}")
+    finally:
+        engine.dispose()
+    print(f"revoked {args.key_id}")
+
+
+def register(subparsers: Any) -> None:
+    """Add `serve` and `keys` to core's `srcompress` parser."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the API and a Celery worker (SQLite + local blobs + a server-less broker by default)",
+        description="Run the API and a real Celery worker. Settings come from SRCOMPRESS_* variables; "
+        "the defaults need no other service.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", type=Path, help="root of the embedded database, blobs and broker")
+    p.add_argument("--no-worker", action="store_true", help="run the API only")
+    p.add_argument("--worker-concurrency", type=int, default=1, help="jobs run at once by the worker")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+    keys = subparsers.add_parser("keys", help="manage API keys", description="Manage API keys.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    p = keys_sub.add_parser("create", help="create a key and print it once")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys_sub.add_parser("list", help="list keys (never their values)")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys_sub.add_parser("revoke", help="revoke a key by id")
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from core.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="srcompress", description="srcompress service commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"srcompress: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What a request needs: the app's services (settings, database, blobs, queue), sessions and the caller.
+
+``Services`` is built once per app in its lifespan and hung on ``app.state.services``; nothing here is a
+module-level global, so two apps (tests) never share state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.errors import ApiError
+from store.apikeys import find_api_key
+from store.blobs import BlobStore, make_blob_store
+from store.db import make_engine, read_session_factory, session_factory
+from store.settings import Settings
+
+log = logging.getLogger("srcompress.api")
+
+# The worker's task and queue (worker/app.py: RUN_JOB_TASK, JOBS_QUEUE), named here so that the API never
+# imports worker code (and torch's training stack with it); tests/test_lifecycle.py checks they agree.
+TASK_NAME = "srcompress.run_job"
+TASK_QUEUE = "srcompress.jobs"
+
+
+def make_celery_client(settings: Settings) -> Any:
+    """A Celery app that only sends tasks by name (the worker's code is not imported here)."""
+    from celery import Celery
+
+    client = Celery("srcompress-api", broker=settings.broker_url)
+    client.conf.update(
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        # Do not hang a request when the broker is down: fail fast, the API answers 503.
+        broker_connection_timeout=5,
+        broker_transport_options={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+    )
+    return client
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    read_sessions: sessionmaker[Session]
+    blobs: BlobStore
+    celery: Any
+    extras: dict[str, Any] = field(default_factory=dict)  # upscale pool, model cache, metrics
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        engine = make_engine(settings.database_url)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=session_factory(engine),
+            read_sessions=read_session_factory(engine),
+            blobs=make_blob_store(settings),
+            celery=make_celery_client(settings),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_settings(services: Services = Depends(get_services)) -> Settings:
+    return services.settings
+
+
+def get_blobs(services: Services = Depends(get_services)) -> BlobStore:
+    return services.blobs
+
+
+def read_session(services: Services = Depends(get_services)) -> Iterator[Session]:
+    with services.read_sessions() as session:
+        yield session
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated API key."""
+
+    key_id: str
+    name: str
+
+
+def current_caller(request: Request, services: Services = Depends(get_services)) -> Caller:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing API key: send 'Authorization: Bearer <key>' "
+            "(create one with `srcompress keys create NAME`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    with services.read_sessions() as session:
+        row = find_api_key(session, token.strip())
+        if row is None:
+            raise ApiError(
+                401, "unauthorized", "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        caller = Caller(key_id=row.id, name=row.name)
+    request.state.caller = caller
+    return caller

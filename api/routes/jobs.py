@@ -1,0 +1,316 @@
+"""Jobs: submit (idempotent, rate-limited per key), list, show, cancel, progress events (SSE with replay
+from Last-Event-ID), the report and the artifacts. The work itself happens in a Celery worker: the API
+only inserts the job row and sends ``worker.tasks.run_job`` by name."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import TASK_NAME, TASK_QUEUE, Caller, Services, current_caller, get_services, read_session
+from api.errors import ApiError, not_found
+from api.routes.datasets import visible_dataset
+from api.routes.models import owned_model, stream_blob
+from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page
+from core.models import PRESETS
+from store import jobs as store_jobs
+from store.tables import JOB_STATES, Artifact, Job
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+log = logging.getLogger("srcompress.api")
+
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+def request_hash(body: JobCreate) -> str:
+    """sha256 of the request's canonical form: the same fields and values hash the same however sent."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def owned_job(session: Session, caller: Caller, job_id: str) -> Job:
+    row = session.get(Job, job_id)
+    if row is None or row.owner_key_id != caller.key_id:
+        raise not_found("job", job_id)
+    return row
+
+
+def job_config(body: JobCreate) -> dict[str, Any]:
+    """What the worker needs besides the teacher model id: JobParams plus the datasets by role."""
+    config = body.params().model_dump(mode="json")
+    config["train_dataset_ids"] = list(dict.fromkeys(body.train_dataset_ids))
+    config["val_dataset_ids"] = list(dict.fromkeys(body.val_dataset_ids))
+    return config
+
+
+def _check_references(session: Session, caller: Caller, body: JobCreate) -> None:
+    teacher = owned_model(session, caller, body.teacher_model_id)
+    expected_family = PRESETS[body.model]["family"] if body.model in PRESETS else None
+    if expected_family is None:
+        raise ApiError(
+            422, "invalid_request", f"unknown preset {body.model!r}; choose one of: {', '.join(PRESETS)}"
+        )
+    if teacher.family != expected_family:
+        raise ApiError(
+            422,
+            "teacher_mismatch",
+            f"teacher model {teacher.id} is a {teacher.family} model, not {body.model} ({expected_family})",
+        )
+    if teacher.scale != body.scale:
+        raise ApiError(
+            422, "teacher_mismatch", f"teacher model {teacher.id} is x{teacher.scale}, not x{body.scale}"
+        )
+    for dataset_id in [*body.train_dataset_ids, *body.val_dataset_ids]:
+        visible_dataset(session, caller, dataset_id)
+
+
+def _existing_for_key(session: Session, caller: Caller, idempotency_key: str) -> Job | None:
+    stmt = select(Job).where(Job.owner_key_id == caller.key_id, Job.idempotency_key == idempotency_key)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def enqueue(services: Services, job_id: str) -> None:
+    services.celery.send_task(TASK_NAME, args=[job_id], queue=TASK_QUEUE)
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut, summary="Submit a compression job")
+def create_job(
+    body: JobCreate,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255),
+    services: Services = Depends(get_services),
+    caller: Caller = Depends(current_caller),
+) -> Any:
+    """202 with the queued job. The same Idempotency-Key with the same body (within
+    idempotency_ttl_seconds) returns the same job; with a different body, 422."""
+    settings = services.settings
+    digest = request_hash(body)
+    with services.sessions.begin() as session:
+        _check_references(session, caller, body)
+        replaying = (
+            idempotency_key is not None and _existing_for_key(session, caller, idempotency_key) is not None
+        )
+        if (
+            not replaying
+            and store_jobs.count_active_jobs(session, caller.key_id) >= settings.max_running_jobs_per_key
+        ):
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"this key already has {settings.max_running_jobs_per_key} unfinished jobs; "
+                "wait for one to finish or cancel one",
+                {"limit": settings.max_running_jobs_per_key},
+                headers={"Retry-After": "30"},
+            )
+        config = job_config(body)
+        job, created = store_jobs.create_job(
+            session,
+            config=config,
+            owner_key_id=caller.key_id,
+            teacher_model_id=body.teacher_model_id,
+            dataset_ids=list(dict.fromkeys([*config["train_dataset_ids"], *config["val_dataset_ids"]])),
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+        )
+        out = JobOut.of(job)
+    if created:
+        try:
+            enqueue(services, job.id)
+        except Exception as error:
+            log.exception("could not enqueue job %s", job.id)
+            with services.sessions.begin() as session:
+                store_jobs.transition(
+                    session, job.id, "failed", error_code="broker_unavailable", error_message=str(error)[:500]
+                )
+            raise ApiError(
+                503,
+                "broker_unavailable",
+                "the job queue is unavailable; try again later",
+                headers={"Retry-After": "10"},
+            ) from None
+    # A replay answers exactly like the first request did, and says so.
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return JSONResponse(out.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.get("/jobs", response_model=Page[JobOut], summary="The caller's jobs, newest first")
+def list_jobs(
+    state: str | None = Query(None, description="filter: " + ", ".join(JOB_STATES)),
+    limit: int = Query(20, ge=1, le=100),
+    offset: int = Query(0, ge=0),
+    session: Session = Depends(read_session),
+    caller: Caller = Depends(current_caller),
+) -> Any:
+    where = [Job.owner_key_id == caller.key_id]
+    if state is not None:
+        states = [s.strip() for s in state.split(",") if s.strip()]
+        unknown = [s for s in states if s not in JOB_STATES]
+        if unknown:
+            raise ApiError(
+                422, "invalid_request", f"unknown state {unknown[0]!r}; choose from {', '.join(JOB_STATES)}"
+            )
+        where.append(Job.state.in_(states))
+    total = session.execute(select(func.count()).select_from(Job).where(*where)).scalar_one()
+    rows = session.execute(
+        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).scalars()
+    return Page[JobOut](items=[JobOut.of(row) for row in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="One job: state, stage, progress, metrics")
+def show_job(
+    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+) -> Any:
+    return JobOut.of(owned_job(session, caller, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a job")
+def cancel_job(
+    job_id: str, services: Services = Depends(get_services), caller: Caller = Depends(current_caller)
+) -> Any:
+    """A queued job is canceled at once; a running one is flagged and its worker stops within seconds."""
+    with services.sessions.begin() as session:
+        owned_job(session, caller, job_id)
+        job = store_jobs.request_cancel(session, job_id)
+        return JobOut.of(job)
+
+
+# --- events -------------------------------------------------------------------------------------------
+
+
+def _sse(event: EventOut) -> str:
+    kind = (
+        "state"
+        if event.fraction in (None, 0.0) or event.state in ("queued", *store_jobs.TERMINAL_STATES)
+        else "progress"
+    )
+    return f"id: {event.id}\nevent: {kind}\ndata: {event.model_dump_json()}\n\n"
+
+
+def _poll(services: Services, job_id: str, after: int) -> tuple[list[EventOut], str]:
+    with services.read_sessions() as session:
+        events = [EventOut.of(row) for row in store_jobs.events_after(session, job_id, after, limit=500)]
+        state = session.execute(select(Job.state).where(Job.id == job_id)).scalar_one()
+    return events, state
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Progress as server-sent events (replay with Last-Event-ID)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    last_event_id: str | None = Header(None, alias="Last-Event-ID"),
+    after: int | None = Query(None, ge=0, description="same as Last-Event-ID"),
+    follow: bool = Query(True, description="keep the stream open until the job finishes"),
+    services: Services = Depends(get_services),
+    caller: Caller = Depends(current_caller),
+) -> StreamingResponse:
+    def check() -> None:
+        with services.read_sessions() as session:
+            owned_job(session, caller, job_id)
+
+    await run_in_threadpool(check)
+    start = after or 0
+    if last_event_id:
+        try:
+            start = int(last_event_id)
+        except ValueError:
+            raise ApiError(
+                422, "invalid_request", f"Last-Event-ID must be an event id, got {last_event_id!r}"
+            ) from None
+
+    async def stream() -> AsyncIterator[str]:
+        cursor = start
+        idle = 0.0
+        yield "retry: 2000\n\n"
+        while True:
+            # A short read session per poll: never hold a transaction across the wait (SQLite).
+            events, state = await run_in_threadpool(_poll, services, job_id, cursor)
+            for event in events:
+                cursor = event.id
+                yield _sse(event)
+            if events:
+                idle = 0.0
+                continue  # drain a backlog before waiting
+            if state in store_jobs.TERMINAL_STATES or not follow:
+                yield "event: end\ndata: {}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(SSE_POLL_SECONDS)
+            idle += SSE_POLL_SECONDS
+            if idle >= SSE_KEEPALIVE_SECONDS:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+# --- report and artifacts -----------------------------------------------------------------------------
+
+
+@router.get("/jobs/{job_id}/report", summary="core's CompressionReport of a succeeded job")
+def job_report(
+    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+) -> Any:
+    job = owned_job(session, caller, job_id)
+    if job.report is None:
+        raise ApiError(
+            409, "not_ready", f"job {job_id} is {job.state}; the report exists once it has succeeded"
+        )
+    return job.report
+
+
+def _artifact_url(job_id: str, name: str) -> str:
+    return f"/v1/jobs/{job_id}/artifacts/{name}"
+
+
+@router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut], summary="Files the job produced")
+def list_artifacts(
+    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+) -> Any:
+    owned_job(session, caller, job_id)
+    rows = session.execute(
+        select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
+    ).scalars()
+    return [
+        ArtifactOut(
+            name=row.name, content_type=row.content_type, size=row.size, url=_artifact_url(job_id, row.name)
+        )
+        for row in rows
+    ]
+
+
+@router.get("/jobs/{job_id}/artifacts/{name:path}", summary="Download one artifact (plots, model card, ...)")
+def get_artifact(
+    job_id: str,
+    name: str,
+    session: Session = Depends(read_session),
+    services: Services = Depends(get_services),
+    caller: Caller = Depends(current_caller),
+) -> Response:
+    owned_job(session, caller, job_id)
+    row = session.execute(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)
+    ).scalar_one_or_none()
+    if row is None:
+        raise not_found("artifact", f"{job_id}/{name}")
+    response = stream_blob(services.blobs, row.blob_key, name.rsplit("/", 1)[-1], row.content_type)
+    response.headers["Content-Disposition"] = f'inline; filename="{name.rsplit("/", 1)[-1]}"'
+    return response

@@ -1,0 +1,208 @@
+"""POST /v1/upscale: one image through a stored model, with hard limits and back-pressure.
+
+- Limits: upload bytes (413), pixels (413, checked from the header before decoding), bad images (422).
+- Back-pressure: at most ``upscale_concurrency`` inferences run (a thread pool of that size) and at most
+  ``upscale_queue`` more wait; past that the request is refused at once with 503 + Retry-After instead
+  of piling up (clients retry; the server's memory stays bounded).
+- Loaded models are kept in an LRU cache bounded by ``model_cache_bytes`` (parameter + buffer bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from PIL import Image
+from torch import nn
+
+from api.deps import Caller, Services, current_caller, get_services
+from api.errors import ApiError
+from api.routes.models import materialize_model, owned_model
+from api.uploads import read_upload
+from core.models import PRESETS, load_checkpoint
+from store.tables import Model
+
+router = APIRouter(prefix="/v1", tags=["upscale"])
+
+MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+RETRY_AFTER_SECONDS = 2
+
+
+class UpscalePool:
+    """A fixed number of inference threads and a bounded number of admitted requests."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self.capacity = concurrency + queue
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upscale")
+        self._lock = threading.Lock()
+        self.admitted = 0
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self.admitted >= self.capacity:
+                return False
+            self.admitted += 1
+            return True
+
+    def done(self) -> None:
+        with self._lock:
+            self.admitted -= 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+class ModelCache:
+    """LRU of loaded models keyed by (model id, preset), bounded by the models' tensor bytes."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._models: OrderedDict[tuple[str, str | None], tuple[nn.Module, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(size for _, size in self._models.values())
+
+    def get(self, key: tuple[str, str | None]) -> nn.Module | None:
+        with self._lock:
+            entry = self._models.get(key)
+            if entry is None:
+                return None
+            self._models.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple[str, str | None], model: nn.Module) -> None:
+        size = model_bytes(model)
+        with self._lock:
+            self._models[key] = (model, size)
+            self._models.move_to_end(key)
+            # Evict least recently used; a model larger than the budget is used once and not kept.
+            while self._models and self.used_bytes > self.budget:
+                self._models.popitem(last=False)
+
+    def forget(self, model_id: str) -> None:
+        with self._lock:
+            for key in [key for key in self._models if key[0] == model_id]:
+                del self._models[key]
+
+
+def load_cached_model(services: Services, row: Model, preset: str | None) -> nn.Module:
+    cache: ModelCache = services.extras["model_cache"]
+    key = (row.id, preset)
+    model = cache.get(key)
+    if model is not None:
+        return model
+    with tempfile.TemporaryDirectory(prefix="srcompress-model-") as tmp:
+        directory = materialize_model(services.blobs, row, Path(tmp))
+        if preset is None:
+            model, _info = load_checkpoint(directory)
+        else:
+            model, _info = load_checkpoint(directory / "model.safetensors", preset=preset)
+    model.eval()
+    cache.put(key, model)
+    return model
+
+
+def check_pixels(data: bytes, max_pixels: int) -> None:
+    """413 from the image header alone, before any pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Exception:
+        return  # not decodable here: read_image gives the precise 422
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"the image is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel limit",
+            {"width": width, "height": height, "limit_pixels": max_pixels},
+        )
+
+
+@router.post(
+    "/upscale",
+    summary="Upscale one image with a stored model",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+async def upscale(
+    file: UploadFile = File(description="PNG, JPEG, WebP, BMP or TIFF"),
+    model_id: str = Form(description="a model id (an upload or a job's result)"),
+    preset: str | None = Form(None, description="load the model's weights into this preset's architecture"),
+    format: str = Form("png", pattern="^(auto|png|jpg|jpeg|webp)$", description="output format"),
+    tile: int | None = Form(None, ge=32, le=2048, description="LR tile size (default: sized from memory)"),
+    services: Services = Depends(get_services),
+    caller: Caller = Depends(current_caller),
+) -> Response:
+    settings = services.settings
+    if preset is not None and preset not in PRESETS:
+        raise ApiError(
+            422, "invalid_request", f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}"
+        )
+    data = await run_in_threadpool(read_upload, file, settings.max_upload_bytes)
+    check_pixels(data, settings.max_pixels)
+
+    def find_model() -> Model:
+        with services.read_sessions() as session:
+            return owned_model(session, caller, model_id)
+
+    row = await run_in_threadpool(find_model)
+    pool: UpscalePool = services.extras["upscale_pool"]
+    if not pool.try_admit():
+        raise ApiError(
+            503,
+            "busy",
+            "the upscale queue is full; retry shortly",
+            {"capacity": pool.capacity},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(
+            pool.executor, _run, services, row, preset, data, format, tile
+        )
+    finally:
+        pool.done()
+    encoded, output_format = result
+    return Response(
+        encoded,
+        media_type=MEDIA_TYPES[output_format],
+        headers={"Content-Disposition": f'inline; filename="upscaled.{output_format}"'},
+    )
+
+
+def _header_format(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except Exception:
+        return None  # upscale_file's decoder reports the precise error
+
+
+def _run(
+    services: Services, row: Model, preset: str | None, data: bytes, fmt: str, tile: int | None
+) -> tuple[bytes, str]:
+    from core.data.images import normalise_format
+    from core.inference import upscale_file
+
+    settings = services.settings
+    model = load_cached_model(services, row, preset)
+    # The output format is decided here (from the header) so that the content type matches it.
+    output_format = normalise_format(fmt, _header_format(data))
+    encoded: Any = upscale_file(
+        model, data, None, tile=tile, fmt=output_format, max_pixels=settings.max_pixels
+    )
+    return bytes(encoded), output_format

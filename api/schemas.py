@@ -1,0 +1,203 @@
+"""Request and response bodies of the /v1 API (pydantic v2). Responses are built from store rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.pipeline import JobParams
+from store.tables import Dataset, Job, JobEvent, Model
+
+SAMPLE_DATASET_ID = "sample"
+Item = TypeVar("Item")
+
+
+class Page(BaseModel, Generic[Item]):
+    items: list[Item]
+    total: int
+    limit: int
+    offset: int
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+class PresetOut(BaseModel):
+    name: str
+    family: str
+    scale: int
+    params: int
+    macs: int
+    gmacs: float
+    lr_size: tuple[int, int]
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    family: str
+    scale: int
+    config: dict[str, Any]
+    source: str
+    params: int | None
+    macs: int | None
+    metrics: dict[str, Any] | None
+    weights_sha256: str | None
+    files: list[str]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Model) -> ModelOut:
+        files = [name for name, key in model_files(row).items() if key]
+        return cls(
+            id=row.id,
+            name=row.name,
+            family=row.family,
+            scale=row.scale,
+            config=row.config or {},
+            source=row.source,
+            params=row.params,
+            macs=row.macs,
+            metrics=row.metrics,
+            weights_sha256=row.weights_sha256,
+            files=files,
+            created_at=row.created_at,
+        )
+
+
+def model_files(row: Model) -> dict[str, str | None]:
+    """Downloadable file name -> blob key."""
+    return {"model.safetensors": row.weights_key, "config.json": row.config_key, "model.onnx": row.onnx_key}
+
+
+class DownloadOut(BaseModel):
+    name: str
+    url: str
+    size: int | None = None
+    expires_seconds: int | None = None
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    image_count: int
+    total_bytes: int
+    builtin: bool
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Dataset) -> DatasetOut:
+        return cls(
+            id=row.id,
+            name=row.name,
+            kind=row.kind,
+            image_count=row.image_count,
+            total_bytes=row.total_bytes,
+            builtin=row.owner_key_id is None,
+            created_at=row.created_at,
+        )
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+
+class JobCreate(JobParams):
+    """core's JobParams, with the teacher and the data named by id instead of by path."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    teacher_model_id: str = Field(min_length=1, max_length=36, description="id of an uploaded model")
+    train_dataset_ids: list[str] = Field(
+        default_factory=lambda: [SAMPLE_DATASET_ID], min_length=1, max_length=16
+    )
+    val_dataset_ids: list[str] = Field(
+        default_factory=lambda: [SAMPLE_DATASET_ID], min_length=1, max_length=16
+    )
+
+    def params(self) -> JobParams:
+        return JobParams.model_validate(self.model_dump(include=set(JobParams.model_fields)))
+
+
+class JobError(BaseModel):
+    code: str | None
+    message: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    state: str
+    stage: str | None
+    progress: float
+    config: dict[str, Any]
+    teacher_model_id: str | None
+    dataset_ids: list[Any]
+    metrics: dict[str, Any] | None
+    error: JobError | None
+    result_model_id: str | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Job) -> JobOut:
+        error = None
+        if row.error_code or row.error_message:
+            error = JobError(code=row.error_code, message=row.error_message)
+        return cls(
+            id=row.id,
+            state=row.state,
+            stage=row.stage,
+            progress=row.progress,
+            config=row.config or {},
+            teacher_model_id=row.teacher_model_id,
+            dataset_ids=list(row.dataset_ids or []),
+            metrics=row.metrics,
+            error=error,
+            result_model_id=row.result_model_id,
+            attempts=row.attempts,
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            updated_at=row.updated_at,
+        )
+
+
+class EventOut(BaseModel):
+    id: int
+    seq: int
+    state: str
+    stage: str | None
+    fraction: float | None
+    metrics: dict[str, Any] | None
+    message: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: JobEvent) -> EventOut:
+        return cls(
+            id=row.id,
+            seq=row.seq,
+            state=row.state,
+            stage=row.stage,
+            fraction=row.fraction,
+            metrics=row.metrics,
+            message=row.message,
+            created_at=row.created_at,
+        )
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    content_type: str
+    size: int
+    url: str

@@ -1,0 +1,157 @@
+"""Service benchmark (a script, not a test) against a running stack (`srcompress serve` or scripts/stack.sh).
+
+1. /upscale: N requests (default 200) of a 256x256 PNG through an rlfn_s x2 model from C concurrent
+   clients (default 8); reports throughput, p50/p95 latency and how many got 503 (and were retried).
+2. jobs (with --jobs N): N tiny compression jobs submitted at once; with --kill-worker-pid the given
+   worker is killed (SIGKILL) when the first job starts running and --restart-worker (a shell command)
+   starts a replacement; waits until every job finished and reports how many succeeded and the wall
+   time. The server needs SRCOMPRESS_MAX_RUNNING_JOBS_PER_KEY >= N and a short lease to recover fast.
+
+    python bench/service.py --url http://127.0.0.1:8000 --key src_... [--jobs 20 --kill-worker-pid PID \
+        --restart-worker "srcompress worker --pool solo"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.models import create_model  # noqa: E402
+
+
+def png_256(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:256, 0:256]
+    pixels = np.clip((x + y)[..., None] / 2 + rng.normal(0, 15, (256, 256, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload_rlfn_s(client: httpx.Client) -> str:
+    buffer = io.BytesIO()
+    torch.manual_seed(0)
+    torch.save(create_model("rlfn_s", 2).state_dict(), buffer)
+    response = client.post("/v1/models", files={"file": ("rlfn_s_x2.pth", buffer.getvalue())})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def bench_upscale(client: httpx.Client, model_id: str, requests: int, clients: int) -> dict:
+    image = png_256()
+    refused = 0
+
+    def one(_index: int) -> float:
+        nonlocal refused
+        began = time.perf_counter()
+        while True:
+            response = client.post(
+                "/v1/upscale", files={"file": ("in.png", image)}, data={"model_id": model_id}
+            )
+            if response.status_code != 503:
+                break
+            refused += 1  # back-pressure: wait as the server asks, then retry
+            time.sleep(float(response.headers.get("retry-after", "1")) / 4)
+        response.raise_for_status()
+        return time.perf_counter() - began
+
+    client.post(
+        "/v1/upscale", files={"file": ("in.png", image)}, data={"model_id": model_id}
+    ).raise_for_status()
+    began = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(pool.map(one, range(requests)))
+    wall = time.perf_counter() - began
+    return {
+        "requests": requests,
+        "clients": clients,
+        "throughput_rps": round(requests / wall, 2),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+        "refused_503_then_retried": refused,
+    }
+
+
+def bench_jobs(
+    client: httpx.Client, model_id: str, count: int, kill_pid: int | None, restart: str | None
+) -> dict:
+    body = {
+        "model": "rlfn_s",
+        "scale": 2,
+        "teacher_model_id": model_id,
+        "prune_iters": 2,
+        "distill_iters": 6,
+        "batch_size": 2,
+        "patch_size": 16,
+        "validate_every": 0,
+        "checkpoint_every": 2,
+    }
+    began = time.perf_counter()
+    ids = []
+    for index in range(count):
+        response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"bench-{began}-{index}"})
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    killed = False
+    replacement = None
+    while True:
+        states = [client.get(f"/v1/jobs/{job_id}").json()["state"] for job_id in ids]
+        if (
+            kill_pid
+            and not killed
+            and any(s not in ("queued", "succeeded", "failed", "canceled") for s in states)
+        ):
+            os.kill(kill_pid, signal.SIGKILL)
+            killed = True
+            if restart:
+                replacement = subprocess.Popen(restart, shell=True)
+        if all(s in ("succeeded", "failed", "canceled") for s in states):
+            break
+        time.sleep(2)
+    if replacement is not None:
+        replacement.terminate()
+    return {
+        "jobs": count,
+        "succeeded": states.count("succeeded"),
+        "failed": states.count("failed"),
+        "worker_killed": killed,
+        "wall_s": round(time.perf_counter() - began, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--kill-worker-pid", type=int)
+    parser.add_argument("--restart-worker", help="shell command starting a replacement worker")
+    args = parser.parse_args()
+    headers = {"Authorization": f"Bearer {args.key}"}
+    with httpx.Client(base_url=args.url, headers=headers, timeout=300) as client:
+        model_id = upload_rlfn_s(client)
+        print("upscale:", bench_upscale(client, model_id, args.requests, args.clients), flush=True)
+        if args.jobs:
+            print("jobs:", bench_jobs(client, model_id, args.jobs, args.kill_worker_pid, args.restart_worker))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

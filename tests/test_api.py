@@ -1,0 +1,465 @@
+"""The API over HTTP: a real uvicorn process on Postgres + Redis (broker) + moto S3 (over HTTP).
+
+No worker runs here, so jobs stay queued; tests/test_lifecycle.py runs them. Every bad input must
+answer a clear 4xx in the one error shape, and nothing stored before it may be lost.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from core.complexity import count_params
+from core.models import create_model
+from store.db import migrate
+from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import create_key, parse_sse, png_bytes, tar_bytes, uvicorn_server, zip_bytes
+
+pytestmark = pytest.mark.service
+
+REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own: the test flushes it
+MAX_UPLOAD = 2 * 1024 * 1024
+MAX_PIXELS = 300 * 300
+
+
+def _redis_or_skip() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as error:
+        pytest.skip(f"Redis at {REDIS_URL} unreachable: {error}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(base_url, key_a, key_b, env) of an API on Postgres + Redis + moto S3."""
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    _redis_or_skip()
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    tmp = tmp_path_factory.mktemp("api")
+    with throwaway_postgres_database() as database_url, moto_s3_server() as s3_url:
+        migrate(database_url)
+        env = {
+            "SRCOMPRESS_DATA_DIR": str(tmp / "data"),
+            "SRCOMPRESS_DATABASE_URL": database_url,
+            "SRCOMPRESS_BROKER_URL": REDIS_URL,
+            "SRCOMPRESS_BLOB_BACKEND": "s3",
+            "SRCOMPRESS_S3_ENDPOINT_URL": s3_url,
+            "SRCOMPRESS_S3_BUCKET": "srcompress-api-test",
+            "SRCOMPRESS_S3_ACCESS_KEY": "testing",
+            "SRCOMPRESS_S3_SECRET_KEY": "testing",
+            "SRCOMPRESS_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+            "SRCOMPRESS_MAX_PIXELS": str(MAX_PIXELS),
+            "SRCOMPRESS_UPSCALE_CONCURRENCY": "1",
+            "SRCOMPRESS_UPSCALE_QUEUE": "1",
+            "SRCOMPRESS_MAX_RUNNING_JOBS_PER_KEY": "2",
+        }
+        key_a, key_b = create_key(env, "alice"), create_key(env, "bob")
+        with uvicorn_server(env, free_port(), tmp / "uvicorn.log") as url:
+            yield url, key_a, key_b, env
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture(scope="module")
+def alice(stack):
+    url, key_a, _, _ = stack
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key_a}"}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bob(stack):
+    url, _, key_b, _ = stack
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key_b}"}, timeout=120) as client:
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and {"code", "message", "details"} <= set(body["error"]), body
+    assert body["error"]["message"] and "\n" not in body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def state_dict_bytes(preset: str, scale: int, seed: int = 0) -> tuple[bytes, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    state = create_model(preset, scale).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue(), state
+
+
+@pytest.fixture(scope="module")
+def rlfn_model(alice) -> tuple[dict, dict[str, torch.Tensor]]:
+    """alice's rlfn_s x2 upload and the state_dict it came from."""
+    data, state = state_dict_bytes("rlfn_s", 2)
+    response = alice.post("/v1/models", files={"file": ("rlfn_s_x2.pth", data)}, data={"name": "teacher"})
+    assert response.status_code == 201, response.text
+    return response.json(), state
+
+
+# --- health, auth, docs -------------------------------------------------------------------------------
+
+
+def test_health_ready_metrics(stack):
+    url = stack[0]
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert {name for name, check in ready.json()["checks"].items() if check["ok"]} == {
+        "database",
+        "broker",
+        "storage",
+    }
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'srcompress_jobs{state="queued"}' in metrics
+    assert "srcompress_upscale_queue_depth" in metrics
+    assert "srcompress_http_requests_total" in metrics
+
+
+def test_auth_required_and_one_error_shape(stack):
+    url = stack[0]
+    assert_error(httpx.get(f"{url}/v1/models"), 401, "unauthorized")
+    assert_error(
+        httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer src_nope_nope"}), 401, "unauthorized"
+    )
+    assert_error(httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Basic abc"}), 401)
+    assert_error(httpx.get(f"{url}/v1/no-such-route"), 404, "not_found")
+    openapi = httpx.get(f"{url}/openapi.json").json()
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/events",
+        "/v1/models",
+        "/v1/datasets",
+        "/v1/upscale",
+        "/readyz",
+    ):
+        assert path in openapi["paths"], path
+
+
+def test_presets_list_params_and_macs(alice):
+    response = alice.get("/v1/presets", params={"name": "rlfn_s", "scale": 2})
+    assert response.status_code == 200, response.text
+    (row,) = response.json()
+    assert row["params"] == count_params(create_model("rlfn_s", 2)).total
+    assert row["lr_size"] == [640, 360] and row["macs"] > 0 and row["family"] == "rlfn"
+    print(f"rlfn_s x2: {row['params']:,} params, {row['gmacs']} GMACs at 640x360")
+    assert_error(alice.get("/v1/presets", params={"name": "nope"}), 422)
+
+
+# --- models -------------------------------------------------------------------------------------------
+
+
+def test_model_upload_show_download_roundtrip(alice, rlfn_model):
+    model, state = rlfn_model
+    assert model["family"] == "rlfn" and model["scale"] == 2 and model["source"] == "upload"
+    assert model["params"] == sum(t.numel() for t in state.values())
+    assert {"model.safetensors", "config.json"} <= set(model["files"])
+    assert alice.get(f"/v1/models/{model['id']}").json()["id"] == model["id"]
+    assert model["id"] in [m["id"] for m in alice.get("/v1/models").json()["items"]]
+
+    links = {link["name"]: link for link in alice.get(f"/v1/models/{model['id']}/download").json()}
+    weights_url = links["model.safetensors"]["url"]
+    assert (
+        weights_url.startswith("http") and "Signature" in weights_url
+    )  # presigned S3 URL, no API key needed
+    downloaded = load_safetensors(httpx.get(weights_url).content)
+    assert set(downloaded) == set(state)
+    assert all(torch.equal(downloaded[k], state[k]) for k in state)
+    config = json.loads(httpx.get(links["config.json"]["url"]).content)
+    assert config["family"] == "rlfn" and config["scale"] == 2 and config["channels"] == 48
+
+    redirect = alice.get(f"/v1/models/{model['id']}/files/model.safetensors")
+    assert redirect.status_code == 307 and redirect.headers["location"].startswith("http")
+    streamed = alice.get(f"/v1/models/{model['id']}/files/config.json", params={"redirect": "false"})
+    assert streamed.status_code == 200 and json.loads(streamed.content) == config
+
+
+class _Exploit:
+    """A pickle that would create a file if it were ever unpickled with code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_bad_checkpoints_are_refused_and_nothing_is_lost(alice, bob, rlfn_model, tmp_path):
+    model, state = rlfn_model
+    before = alice.get("/v1/models").json()["total"]
+
+    edsr, _ = state_dict_bytes("edsr_mini", 2)
+    error = assert_error(
+        alice.post("/v1/models", files={"file": ("x.pth", edsr)}, data={"family": "rlfn"}),
+        422,
+        "invalid_checkpoint",
+    )
+    assert "edsr" in error["message"]
+    assert_error(alice.post("/v1/models", files={"file": ("x.pth", edsr)}, data={"preset": "rlfn_s"}), 422)
+    assert_error(alice.post("/v1/models", files={"file": ("x.pth", edsr)}, data={"scale": "4"}), 422)
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"params": {"conv_1.weight": _Exploit(marker)}})
+    error = assert_error(
+        alice.post("/v1/models", files={"file": ("evil.pth", payload)}), 422, "invalid_checkpoint"
+    )
+    assert "code" in error["message"] or "unpickle" in error["message"]
+    assert not marker.exists(), "the pickle's payload ran"
+
+    assert_error(alice.post("/v1/models", files={"file": ("junk.pth", b"not a checkpoint")}), 422)
+    assert_error(alice.post("/v1/models", files={"file": ("junk.safetensors", b"\x00" * 64)}), 422)
+    assert_error(alice.post("/v1/models", files={"file": ("empty.pth", b"")}), 422)
+    assert_error(alice.post("/v1/models", files={"file": ("big.pth", b"\x00" * (MAX_UPLOAD + 1))}), 413)
+    assert_error(alice.post("/v1/models", data={"name": "no file"}), 422, "invalid_request")
+
+    # Other keys' ids answer 404 everywhere, exactly like unknown ids.
+    for call in (bob.get, bob.delete):
+        assert_error(call(f"/v1/models/{model['id']}"), 404, "not_found")
+    assert_error(bob.get(f"/v1/models/{model['id']}/download"), 404)
+    assert_error(alice.get("/v1/models/00000000-0000-0000-0000-000000000000"), 404)
+
+    assert alice.get("/v1/models").json()["total"] == before
+    links = {link["name"]: link["url"] for link in alice.get(f"/v1/models/{model['id']}/download").json()}
+    assert torch.equal(
+        load_safetensors(httpx.get(links["model.safetensors"]).content)["conv_1.weight"],
+        state["conv_1.weight"],
+    )
+
+
+def test_safetensors_upload_detects_config(alice):
+    from safetensors.torch import save
+
+    state = create_model("edsr_mini", 3).state_dict()
+    response = alice.post("/v1/models", files={"file": ("mini.safetensors", save(state))})
+    assert response.status_code == 201, response.text
+    assert response.json()["family"] == "edsr" and response.json()["scale"] == 3
+    assert alice.delete(f"/v1/models/{response.json()['id']}").status_code == 204
+    assert_error(alice.get(f"/v1/models/{response.json()['id']}"), 404)
+
+
+# --- datasets -----------------------------------------------------------------------------------------
+
+
+def test_dataset_upload_list_and_archive_safety(alice, bob):
+    listed = alice.get("/v1/datasets").json()["items"]
+    assert "sample" in [d["id"] for d in listed]
+    assert_error(alice.delete("/v1/datasets/sample"), 409, "builtin")
+
+    images = {f"imgs/{i}.png": png_bytes(48, 48, seed=i) for i in range(3)}
+    good = alice.post("/v1/datasets", files={"file": ("set.zip", zip_bytes(images))}, data={"name": "set"})
+    assert good.status_code == 201, good.text
+    dataset = good.json()
+    assert dataset["image_count"] == 3 and not dataset["builtin"]
+    good_tar = alice.post("/v1/datasets", files={"file": ("set.tar.gz", tar_bytes(images))})
+    assert good_tar.status_code == 201 and good_tar.json()["image_count"] == 3
+    before = alice.get("/v1/datasets").json()["total"]
+
+    image = png_bytes(32, 32)
+    bad_archives = {
+        "dotdot.tar.gz": (tar_bytes({"../evil.png": image}), "unsafe_archive"),
+        "absolute.zip": (zip_bytes({"/etc/evil.png": image}), "unsafe_archive"),
+        "dotdot.zip": (zip_bytes({"a/../../evil.png": image}), "unsafe_archive"),
+        "symlink.tar.gz": (tar_bytes({"a.png": image}, {"b.png": ("sym", "/etc/passwd")}), "unsafe_archive"),
+        "hardlink.tar.gz": (tar_bytes({"a.png": image}, {"b.png": ("hard", "a.png")}), "unsafe_archive"),
+        "corrupt.zip": (zip_bytes({"a.png": image, "b.png": image[:40]}), "invalid_image"),
+        "not_image.zip": (zip_bytes({"a.png": image, "notes.txt": b"hello"}), "not_an_image"),
+        "fake.zip": (zip_bytes({"a.png": b"plain text, not a png"}), "invalid_image"),
+        "huge_pixels.zip": (zip_bytes({"a.png": png_bytes(400, 400)}), "invalid_image"),
+        "empty.zip": (zip_bytes({}), "no_images"),
+        "not_archive.zip": (b"this is not an archive at all", "invalid_archive"),
+    }
+    for name, (data, code) in bad_archives.items():
+        error = assert_error(alice.post("/v1/datasets", files={"file": (name, data)}), 422, code)
+        print(f"{name}: {error['message']}")
+    assert_error(alice.post("/v1/datasets", files={"file": ("big.zip", b"\x00" * (MAX_UPLOAD + 10))}), 413)
+
+    assert alice.get("/v1/datasets").json()["total"] == before
+    assert_error(bob.get(f"/v1/datasets/{dataset['id']}"), 404)
+    assert_error(bob.delete(f"/v1/datasets/{dataset['id']}"), 404)
+    assert dataset["id"] not in [d["id"] for d in bob.get("/v1/datasets").json()["items"]]
+    assert alice.get(f"/v1/datasets/{dataset['id']}").json()["image_count"] == 3
+    assert alice.delete(f"/v1/datasets/{good_tar.json()['id']}").status_code == 204
+    assert_error(alice.get(f"/v1/datasets/{good_tar.json()['id']}"), 404)
+
+
+# --- upscale ------------------------------------------------------------------------------------------
+
+
+def test_upscale_formats_and_limits(alice, bob, rlfn_model):
+    model_id = rlfn_model[0]["id"]
+    response = alice.post(
+        "/v1/upscale", files={"file": ("a.png", png_bytes(40, 24))}, data={"model_id": model_id}
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (80, 48)
+
+    rgba = alice.post(
+        "/v1/upscale", files={"file": ("a.png", png_bytes(20, 20, mode="RGBA"))}, data={"model_id": model_id}
+    )
+    assert rgba.status_code == 200 and Image.open(io.BytesIO(rgba.content)).mode == "RGBA"
+    jpg = alice.post(
+        "/v1/upscale",
+        files={"file": ("a.png", png_bytes(20, 20))},
+        data={"model_id": model_id, "format": "jpg"},
+    )
+    assert jpg.status_code == 200 and jpg.headers["content-type"] == "image/jpeg"
+    tiled = alice.post(
+        "/v1/upscale", files={"file": ("a.png", png_bytes(80, 72))}, data={"model_id": model_id, "tile": "32"}
+    )
+    assert tiled.status_code == 200 and Image.open(io.BytesIO(tiled.content)).size == (160, 144)
+
+    files = {"file": ("a.png", png_bytes(16, 16))}
+    assert_error(
+        alice.post("/v1/upscale", files={"file": ("a.png", b"garbage")}, data={"model_id": model_id}), 422
+    )
+    assert_error(
+        alice.post(
+            "/v1/upscale", files={"file": ("a.png", png_bytes(400, 300))}, data={"model_id": model_id}
+        ),
+        413,
+    )
+    assert_error(
+        alice.post(
+            "/v1/upscale", files={"file": ("a.png", b"\x00" * (MAX_UPLOAD + 1))}, data={"model_id": model_id}
+        ),
+        413,
+    )
+    assert_error(alice.post("/v1/upscale", files=files, data={"model_id": "nope"}), 404)
+    assert_error(bob.post("/v1/upscale", files=files, data={"model_id": model_id}), 404)
+    assert_error(alice.post("/v1/upscale", files=files, data={"model_id": model_id, "format": "gif"}), 422)
+    assert_error(alice.post("/v1/upscale", files=files, data={"model_id": model_id, "preset": "edsr"}), 422)
+
+
+def test_upscale_full_queue_answers_503(alice, rlfn_model):
+    """concurrency 1 + queue 1: of 8 simultaneous requests some must be refused at once, not piled up."""
+    model_id = rlfn_model[0]["id"]
+    image = png_bytes(256, 256)
+    statuses: list[tuple[int, str | None]] = []
+    barrier = threading.Barrier(8)
+
+    def one() -> None:
+        barrier.wait()
+        response = alice.post("/v1/upscale", files={"file": ("a.png", image)}, data={"model_id": model_id})
+        statuses.append((response.status_code, response.headers.get("retry-after")))
+        if response.status_code == 503:
+            assert_error(response, 503, "busy")
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    codes = sorted(code for code, _ in statuses)
+    print("statuses:", codes)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
+    assert all(retry is not None for code, retry in statuses if code == 503)
+
+
+# --- jobs ---------------------------------------------------------------------------------------------
+
+
+def job_body(teacher_id: str, **overrides) -> dict:
+    body = {
+        "model": "rlfn_s",
+        "scale": 2,
+        "teacher_model_id": teacher_id,
+        "prune_iters": 2,
+        "distill_iters": 4,
+        "batch_size": 2,
+        "patch_size": 16,
+    }
+    return {**body, **overrides}
+
+
+def test_jobs_validation_idempotency_limits_cancel_and_events(stack, alice, bob, rlfn_model):
+    teacher = rlfn_model[0]["id"]
+    # Bad input: malformed JSON, out-of-range λ/α, unknown fields, unknown or foreign ids, mismatched teacher.
+    bad = alice.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert_error(bad, 422, "invalid_request")
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, **{"lambda": -1})), 422)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, alpha=-0.5)), 422)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, patch_size=20)), 422)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, scale=5)), 422)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, bogus=1)), 422)
+    assert_error(
+        alice.post("/v1/jobs", json=job_body(teacher, model="edsr_baseline")), 422, "teacher_mismatch"
+    )
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, scale=4)), 422, "teacher_mismatch")
+    assert_error(alice.post("/v1/jobs", json=job_body("no-such-model")), 404)
+    assert_error(bob.post("/v1/jobs", json=job_body(teacher)), 404)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, train_dataset_ids=["nope"])), 404)
+    assert alice.get("/v1/jobs").json()["total"] == 0
+
+    # Idempotency: same key + body → same job; a different body → 422.
+    body = job_body(teacher, **{"lambda": 1e-4})
+    first = alice.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202, first.text
+    job = first.json()
+    assert job["state"] == "queued" and job["config"]["lambda_"] == 1e-4
+    again = alice.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 202 and again.json()["id"] == job["id"]
+    assert_error(
+        alice.post("/v1/jobs", json={**body, "alpha": 0.5}, headers={"Idempotency-Key": "k1"}),
+        422,
+        "idempotency_conflict",
+    )
+    # The same Idempotency-Key under another API key is a different job space.
+    assert_error(bob.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"}), 404)
+
+    # Per-key limit: 2 unfinished jobs; the third answers 429, a replay still works.
+    second = alice.post("/v1/jobs", json=job_body(teacher))
+    assert second.status_code == 202
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher)), 429, "too_many_jobs")
+    assert alice.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()["id"] == job["id"]
+
+    # A model or dataset a live job uses cannot be deleted.
+    assert_error(alice.delete(f"/v1/models/{teacher}"), 409, "in_use")
+
+    # Listing, filtering, other keys.
+    listed = alice.get("/v1/jobs", params={"state": "queued", "limit": 1})
+    assert listed.json()["total"] == 2 and len(listed.json()["items"]) == 1
+    assert_error(alice.get("/v1/jobs", params={"state": "sleeping"}), 422)
+    assert_error(bob.get(f"/v1/jobs/{job['id']}"), 404)
+    assert_error(bob.post(f"/v1/jobs/{job['id']}/cancel"), 404)
+    assert_error(bob.get(f"/v1/jobs/{job['id']}/events"), 404)
+    assert_error(alice.get(f"/v1/jobs/{job['id']}/report"), 409, "not_ready")
+    assert alice.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+
+    # Cancel (no worker holds them: at once), then the limit frees up.
+    for job_id in (job["id"], second.json()["id"]):
+        canceled = alice.post(f"/v1/jobs/{job_id}/cancel")
+        assert canceled.status_code == 202 and canceled.json()["state"] == "canceled"
+    assert alice.get(f"/v1/jobs/{job['id']}").json()["finished_at"] is not None
+
+    # SSE: the whole log, then a replay from Last-Event-ID gives only what came after.
+    events = parse_sse(alice.get(f"/v1/jobs/{job['id']}/events", timeout=30).text)
+    states = [json.loads(m["data"])["state"] for m in events if m.get("event") != "end"]
+    assert states == ["queued", "canceled"] and events[-1]["event"] == "end"
+    first_id = events[0]["id"]
+    replay = parse_sse(alice.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": first_id}).text)
+    assert [m["id"] for m in replay if m.get("event") != "end"] == [events[1]["id"]]
+
+    third = alice.post("/v1/jobs", json=job_body(teacher))
+    assert third.status_code == 202
+    alice.post(f"/v1/jobs/{third.json()['id']}/cancel")
+    metrics = httpx.get(f"{stack[0]}/metrics").text
+    assert 'srcompress_jobs{state="canceled"} 3.0' in metrics

@@ -1,0 +1,234 @@
+"""The whole job lifecycle through HTTP with a real Celery worker process, on both topologies:
+
+- production: Postgres + Redis (broker) + moto S3 over HTTP, `uvicorn api.app:app` + `celery -A worker.app`;
+- embedded: `srcompress serve` (SQLite + local blobs + kombu's SQLAlchemy broker; it starts the worker).
+
+submit → progress events (SSE) → succeeded → report/artifacts → download the compact model → upscale with it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from core.models import create_model, parse_config
+from store.db import migrate
+from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import (
+    REPO,
+    create_key,
+    parse_sse,
+    png_bytes,
+    stop,
+    uvicorn_server,
+    wait_until_healthy,
+    zip_bytes,
+)
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+WORKER_MISSING = importlib.util.find_spec("worker.app") is None
+JOB_TIMEOUT_S = 420
+
+
+def test_api_sends_the_task_the_worker_consumes():
+    if WORKER_MISSING:
+        pytest.skip("worker/ is not written yet")
+    from api.deps import TASK_NAME, TASK_QUEUE
+    from worker.app import JOBS_QUEUE, RUN_JOB_TASK
+
+    assert (TASK_NAME, TASK_QUEUE) == (RUN_JOB_TASK, JOBS_QUEUE)
+
+
+@contextmanager
+def celery_worker(env: dict[str, str], log_path: Path):
+    from api.cli import worker_command
+
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            worker_command(), env={**os.environ, **env}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        yield process
+    finally:
+        stop(process, timeout=30)
+
+
+@contextmanager
+def production_stack(tmp: Path):
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
+    except Exception as error:
+        pytest.skip(f"Redis at {REDIS_URL} unreachable: {error}")
+    with ExitStack() as stack:
+        database_url = stack.enter_context(throwaway_postgres_database())
+        s3_url = stack.enter_context(moto_s3_server())
+        migrate(database_url)
+        env = {
+            "SRCOMPRESS_DATA_DIR": str(tmp / "data"),
+            "SRCOMPRESS_DATABASE_URL": database_url,
+            "SRCOMPRESS_BROKER_URL": REDIS_URL,
+            "SRCOMPRESS_BLOB_BACKEND": "s3",
+            "SRCOMPRESS_S3_ENDPOINT_URL": s3_url,
+            "SRCOMPRESS_S3_BUCKET": "srcompress-lifecycle",
+            "SRCOMPRESS_S3_ACCESS_KEY": "testing",
+            "SRCOMPRESS_S3_SECRET_KEY": "testing",
+        }
+        key = create_key(env, "lifecycle")
+        url = stack.enter_context(uvicorn_server(env, free_port(), tmp / "uvicorn.log"))
+        stack.enter_context(
+            celery_worker({**env, "SRCOMPRESS_DATA_DIR": str(tmp / "worker")}, tmp / "worker.log")
+        )
+        yield url, key, [tmp / "uvicorn.log", tmp / "worker.log"]
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@contextmanager
+def embedded_stack(tmp: Path):
+    """`srcompress serve` with only a data directory: it migrates, prints the first key, starts a worker."""
+    port = free_port()
+    log_path = tmp / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRCOMPRESS_")}
+    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data")]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, process, log_path, timeout=120)
+        match = re.search(r"first API key \(shown once\): (\S+)", log_path.read_text())
+        assert match, log_path.read_text()
+        yield url, match.group(1), [log_path]
+    finally:
+        stop(process, timeout=40)
+
+
+def follow_events(client: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of the job until the stream ends (the job finished)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    events: list[dict] = []
+    last_id = None
+    while time.monotonic() < deadline:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        timeout = httpx.Timeout(10, read=60)
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+            assert response.status_code == 200 and response.headers["content-type"].startswith(
+                "text/event-stream"
+            )
+            text = "".join(response.iter_text())
+        for message in parse_sse(text):
+            if message.get("event") == "end":
+                return events
+            events.append(json.loads(message["data"]))
+            last_id = message["id"]
+    raise AssertionError(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s; events: {events[-5:]}")
+
+
+@pytest.mark.skipif(WORKER_MISSING, reason="worker/ (celery -A worker.app) is not written yet")
+@pytest.mark.parametrize("topology", ["production", "embedded"])
+def test_job_lifecycle(topology, tmp_path):
+    make_stack = production_stack if topology == "production" else embedded_stack
+    with make_stack(tmp_path) as (url, key, logs):
+        try:
+            run_lifecycle(url, key, topology)
+        except BaseException:
+            for log in logs:
+                if log.exists():
+                    print(f"--- {log.name} ---\n{log.read_text()[-6000:]}")
+            raise
+
+
+def run_lifecycle(url: str, key: str, topology: str) -> None:
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
+        torch.manual_seed(0)
+        buffer = io.BytesIO()
+        torch.save(create_model("rlfn_s", 2).state_dict(), buffer)
+        teacher = client.post("/v1/models", files={"file": ("teacher.pth", buffer.getvalue())})
+        assert teacher.status_code == 201, teacher.text
+
+        # A few small images keep the CPU job short (the bundled `sample` set works too, only slower).
+        images = {f"{i}.png": png_bytes(48, 48, seed=i) for i in range(4)}
+        dataset = client.post("/v1/datasets", files={"file": ("tiny.zip", zip_bytes(images))})
+        assert dataset.status_code == 201, dataset.text
+
+        body = {
+            "model": "rlfn_s",
+            "scale": 2,
+            "teacher_model_id": teacher.json()["id"],
+            "train_dataset_ids": [dataset.json()["id"]],
+            "val_dataset_ids": [dataset.json()["id"]],
+            "lambda": 1e-3,
+            "prune_iters": 2,
+            "distill_iters": 4,
+            "batch_size": 2,
+            "patch_size": 16,
+            "validate_every": 0,
+            "checkpoint_every": 2,
+            "device": "cpu",
+        }
+        submitted = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"lifecycle-{topology}"})
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+
+        events = follow_events(client, job_id)
+        states = [event["state"] for event in events]
+        print(f"{topology}: {len(events)} events, states {list(dict.fromkeys(states))}")
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["state"] == "succeeded", job
+        assert states[0] == "queued" and states[-1] == "succeeded"
+        running = [s for s in dict.fromkeys(states) if s not in ("queued", "succeeded")]
+        assert running and running == sorted(
+            running, key=["pruning", "compressing", "distilling", "evaluating", "exporting"].index
+        )
+        assert len(events) >= len(running) + 2
+        assert job["result_model_id"] and job["finished_at"]
+
+        report = client.get(f"/v1/jobs/{job_id}/report").json()
+        # A random teacher with 2 pruning steps may not shrink (report.pruning_ineffective); never grows.
+        assert report["student"]["params"] <= report["teacher"]["params"]
+        assert {"teacher", "student", "prune", "distill", "export"} <= set(report)
+        artifacts = {a["name"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()}
+        card = [name for name in artifacts if name.endswith("MODEL_CARD.md")]
+        assert card, artifacts
+        assert client.get(artifacts[card[0]]["url"]).status_code == 200
+
+        # The compact model is a model like any other: listed, downloadable, usable.
+        result = client.get(f"/v1/models/{job['result_model_id']}").json()
+        assert result["source"] == "job" and result["params"] == report["student"]["params"]
+        links = {
+            link["name"]: link["url"] for link in client.get(f"/v1/models/{result['id']}/download").json()
+        }
+        fetch = httpx.get if links["model.safetensors"].startswith("http") else client.get
+        tensors = load_safetensors(fetch(links["model.safetensors"]).content)
+        config = parse_config(fetch(links["config.json"]).content)
+        assert config.family == "rlfn" and config.scale == 2
+        assert sum(t.numel() for t in tensors.values()) == result["params"]
+
+        upscaled = client.post(
+            "/v1/upscale", files={"file": ("in.png", png_bytes(36, 28))}, data={"model_id": result["id"]}
+        )
+        assert upscaled.status_code == 200, upscaled.text
+        assert Image.open(io.BytesIO(upscaled.content)).size == (72, 56)
+
+        # The idempotent retry of the finished submission still answers the same job.
+        again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"lifecycle-{topology}"})
+        assert again.json()["id"] == job_id and again.json()["state"] == "succeeded"
