@@ -185,6 +185,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "alpha": args.alpha,
         "prune_iters": args.prune_iters,
         "distill_iters": args.distill_iters,
+        "prune_lr": args.prune_lr,
+        "distill_lr": args.distill_lr,
         "batch_size": args.batch_size,
         "patch_size": args.patch_size,
         "nb_rounding": args.rounding,
@@ -297,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="weight of L1 to the ground truth (default 0.1)")
     p.add_argument("--prune-iters", type=int)
     p.add_argument("--distill-iters", type=int)
+    p.add_argument("--prune-lr", type=float, help="OBProx-SG step size (default 5e-3)")
+    p.add_argument("--distill-lr", type=float, help="student learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patch-size", type=int, help="LR patch size (default 48)")
     p.add_argument("--rounding", choices=["paper-compat", "nearest", "floor"])

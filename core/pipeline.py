@@ -49,6 +49,8 @@ class JobParams(BaseModel):
     alpha: float = Field(0.1, ge=0, description="weight of L1(student, ground truth)")
     prune_iters: int = Field(500, ge=1)
     distill_iters: int = Field(2000, ge=1)
+    prune_lr: float = Field(5e-3, gt=0, description="OBProx-SG step size")
+    distill_lr: float = Field(1e-4, gt=0, description="AdaMax learning rate of the student")
     batch_size: int = Field(16, ge=1)
     patch_size: int = Field(48, ge=16, description="LR patch size (HR = patch × scale); multiple of 8")
     nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
@@ -231,6 +233,7 @@ def run_pipeline(
             began = time.perf_counter()
             prune_config = PruneConfig(
                 iterations=config.prune_iters,
+                lr=config.prune_lr,
                 lambda_=config.lambda_ if config.lambda_ is not None else 1e-4,
                 checkpoint_every=config.checkpoint_every,
             )
@@ -267,6 +270,7 @@ def run_pipeline(
             student = build_model(parse_config(compress.student_config))
             distill_config = DistillConfig(
                 iterations=config.distill_iters,
+                lr=config.distill_lr,
                 alpha=config.alpha,
                 teacher_cache=config.teacher_cache,
                 validate_every=config.validate_every,

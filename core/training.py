@@ -61,16 +61,24 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 class EMA:
-    """Exponential moving average of a model's weights (the weights that are validated and exported)."""
+    """Exponential moving average of a model's weights (the weights that are validated and exported).
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)): with a flat 0.999 the average of a
+    short run (a few thousand steps) would still be mostly the random initialisation.
+    """
 
     def __init__(self, model: nn.Module, decay: float = 0.999) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
         for averaged, current in zip(self.model.parameters(), model.parameters(), strict=True):
-            averaged.lerp_(current.detach(), 1.0 - self.decay)
+            averaged.lerp_(current.detach(), weight)
         for averaged, current in zip(self.model.buffers(), model.buffers(), strict=True):
             averaged.copy_(current)
 
