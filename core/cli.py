@@ -191,6 +191,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "patch_size": args.patch_size,
         "nb_rounding": args.rounding,
         "teacher_cache": not args.no_teacher_cache,
+        "student_init": args.student_init,
         "validate_every": args.validate_every,
         "checkpoint_every": args.checkpoint_every,
         "seed": args.seed,
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, help="LR patch size (default 48)")
     p.add_argument("--rounding", choices=["paper-compat", "nearest", "floor"])
     p.add_argument("--no-teacher-cache", action="store_true", help="run the teacher at every KD step")
+    p.add_argument(
+        "--student-init", choices=["scratch", "inherit"], help="scratch (paper) or from the pruned weights"
+    )
     p.add_argument("--validate-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)

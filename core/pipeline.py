@@ -8,6 +8,7 @@ every training stage checkpoints itself, so a killed run continues where it stop
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -22,13 +23,22 @@ from torch import nn
 
 from core.compress.stage import CompressConfig, CompressResult, run_compress
 from core.data.datasets import TrainImages, find_pairs
+from core.distill.inherit import inherit_weights
 from core.distill.stage import DistillConfig, DistillResult, run_distill
 from core.errors import UserError
 from core.evaluate import evaluate_dataset
 from core.export import ExportResult, export_model
 from core.models import build_model, load_checkpoint, load_model, parse_config, preset_config, save_model
 from core.prune.stage import PruneConfig, PruneResult, run_prune
-from core.training import CancelFn, ProgressFn, never_cancel, no_progress, resolve_device, seed_everything
+from core.training import (
+    CancelFn,
+    ProgressFn,
+    load_checkpoint_state,
+    never_cancel,
+    no_progress,
+    resolve_device,
+    seed_everything,
+)
 
 STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")
 log = logging.getLogger("srcompress.pipeline")
@@ -56,6 +66,9 @@ class JobParams(BaseModel):
     nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
     channel_multiple: int | None = Field(None, ge=1)
     student: tuple[int, int, int] | None = Field(None, description="override the compact (nc, nl, nb)")
+    student_init: Literal["scratch", "inherit"] = Field(
+        "scratch", description="scratch (the paper) or inherit the pruned teacher's weights (EDSR, RLFN)"
+    )
     teacher_cache: bool = True
     validate_every: int = Field(500, ge=0)
     checkpoint_every: int = Field(100, ge=1)
@@ -268,6 +281,11 @@ def run_pipeline(
             began = time.perf_counter()
             torch.manual_seed(config.seed)  # the student's init depends on the seed only
             student = build_model(parse_config(compress.student_config))
+            if config.student_init == "inherit":
+                pruned = copy.deepcopy(teacher)
+                pruned.load_state_dict(load_checkpoint_state(workdir / "prune.pt")["model"])
+                inherited = inherit_weights(student, pruned)
+                log.info("student inherits the pruned teacher's weights: %s", inherited)
             distill_config = DistillConfig(
                 iterations=config.distill_iters,
                 lr=config.distill_lr,

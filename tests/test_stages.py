@@ -114,3 +114,31 @@ def test_cached_teacher_targets_match_per_patch_targets_inside(patches):
     # cached outputs are clamped to [0, 1] by the upscaler; compare where the direct output is in range
     direct_inner, cached_inner = direct[inner].clamp(0, 1), cached[inner]
     assert torch.allclose(direct_inner, cached_inner, atol=1e-4)
+
+
+def test_inherit_starts_the_student_from_the_teachers_weights(shared_weights, shared_data):
+    from core.distill.inherit import evenly_spaced, inherit_weights
+    from core.errors import UserError
+    from core.evaluate import evaluate_dataset
+    from core.models import load_checkpoint
+
+    teacher, _ = load_checkpoint(shared_weights / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
+    set5 = shared_data / "benchmark" / "Set5"
+    torch.manual_seed(0)
+    scratch = create_model("rlfn_s", 2, channels=20, num_blocks=4, convs_per_block=1)
+    scratch_psnr = evaluate_dataset(scratch, set5, 2).psnr
+    inherited = create_model("rlfn_s", 2, channels=20, num_blocks=4, convs_per_block=1)
+    counts = inherit_weights(inherited, teacher)
+    assert counts["skipped"] == 0 and counts["blocks"] == 4
+    assert evenly_spaced(6, 4) == [0, 2, 3, 5]
+    # the last student block is the teacher's last block, sliced to the kept channels
+    kept = torch.sort(torch.topk(teacher.conv_1.weight.abs().flatten(1).sum(1), 20).indices).values
+    expected = teacher.block_6.c1_r.weight[kept][:, kept]
+    assert torch.equal(inherited.block_4.c1_r.weight, expected)
+    inherited_psnr = evaluate_dataset(inherited, set5, 2).psnr
+    assert inherited_psnr > scratch_psnr + 10, (inherited_psnr, scratch_psnr)
+
+    edsr_student = create_model("edsr_mini", 2)
+    inherit_weights(edsr_student, create_model("edsr_baseline", 2))  # PixelShuffle groups line up
+    with pytest.raises(UserError, match="EDSR and RLFN"):
+        inherit_weights(create_model("swinir_mini", 2), create_model("swinir_lightweight", 2))
