@@ -68,6 +68,16 @@ def ensure_first_key(settings: Settings) -> str | None:
         engine.dispose()
 
 
+def _die_with_parent() -> None:
+    """In the worker child: get SIGTERM when `serve` dies, however it dies (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -87,12 +97,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     else:
         env = {**os.environ, **settings_env(settings)}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        worker = subprocess.Popen(worker_command(args.worker_concurrency), env=env, cwd=REPO_ROOT)
+        worker = subprocess.Popen(
+            worker_command(args.worker_concurrency), env=env, cwd=REPO_ROOT, preexec_fn=_die_with_parent
+        )
 
     url = f"http://{args.host}:{args.port}"
     print(f"srcompress API on {url}  (docs: {url}/docs; data in {settings.data_dir})", flush=True)
     if first_key:
         print(f"first API key (shown once): {first_key}", flush=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so that the
+    # `finally` below still stops the worker.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     finally:
