@@ -195,7 +195,7 @@ def run_distill(
             point = (
                 LossPoint(iteration=iteration, **parts.as_floats())
                 if parts is not None
-                else LossPoint(iteration=iteration, total=float(loss), l1=float(loss))
+                else LossPoint(iteration=iteration, total=float(loss.detach()), l1=float(loss.detach()))
             )
             loss_curve.append(point)
             metrics.update(point.model_dump())
