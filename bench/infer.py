@@ -1,0 +1,260 @@
+"""Inference benchmark: latency, achieved GFLOP/s against the matmul peak, and peak memory.
+
+    .venv/bin/python bench/infer.py [--big] [--repeats 5] [--json out.json] [--cache-dir DIR]
+
+One process: (1) fp32 matmul peak (torch.mm of 2048x2048 matrices for a few seconds, all threads);
+(2) every preset at x2 on LR 640x360 (method.md §8's MAC size) through the eager fp32 path and the
+path `choose_backend` picks — median latency, GMACs (FlopCounterMode / 2), achieved GFLOP/s
+= 2·MACs / latency, % of the matmul peak, speed-up over eager, peak RSS while that preset ran;
+(3) a 1920x1080 -> 3840x2160 tiled upscale with edsr_mini in a child process, for its own peak RSS.
+`edsr` and `swinir` (the large ones, minutes per forward on a small CPU) run only with --big.
+RLFN presets use the real weights from ../shared/weights when present (speed does not depend on the
+weights, but choose_backend's PSNR check is more meaningful on a trained model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.complexity import count_macs  # noqa: E402
+from core.inference import (  # noqa: E402
+    choose_backend,
+    decision_path,
+    default_cache_dir,
+    machine_signature,
+    prepare_backend,
+    upscale_array,
+)
+from core.models import create_model, load_checkpoint  # noqa: E402
+from core.onnx_export import cpu_cores  # noqa: E402
+
+LR_SIZE = (640, 360)  # (W, H)
+SMALL_PRESETS = ("edsr_mini", "rlfn_s", "swinir_mini", "edsr_baseline", "rlfn", "swinir_lightweight")
+BIG_PRESETS = ("edsr", "swinir")
+RLFN_WEIGHTS = {"rlfn_s": "RLFN_s_x2.pth", "rlfn": "RLFN_x2.pth"}
+
+
+class PeakRSS:
+    """Samples this process's RSS every few ms in a thread; `.peak` is the max since start()."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        process = psutil.Process()
+        while not self._stop.is_set():
+            self.peak = max(self.peak, process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = psutil.Process().memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+
+def matmul_peak_gflops(size: int = 2048, seconds: float = 4.0) -> float:
+    """Best 1-second window of fp32 torch.mm throughput (GFLOP/s) over `seconds`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        torch.mm(a, b)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2 * size**3 * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def interleaved_latencies(
+    runners: dict[str, object], lr: torch.Tensor, repeats: int
+) -> dict[str, list[float]]:
+    """Per-runner call times, alternating runners each round so that load from other processes on a
+    shared machine hits every path alike. Each runner is warmed up once first (oneDNN primitives, ONNX
+    export and session, SwinIR mask cache)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            time.sleep(0.2)  # let the other runtime's spinning worker threads park before timing
+            start = time.perf_counter()
+            runner(lr)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def load_preset(name: str) -> tuple[torch.nn.Module, str]:
+    shared = Path(os.environ.get("SRCOMPRESS_SHARED", REPO.parent / "shared"))
+    weights = shared / "weights" / RLFN_WEIGHTS.get(name, "-")
+    if weights.is_file():
+        model, _info = load_checkpoint(weights, preset=name, scale=2)
+        return model, weights.name
+    return create_model(name, 2), "random"
+
+
+def bench_preset(name: str, peak: float, repeats: int, cache_dir: Path) -> dict:
+    torch.manual_seed(0)
+    model, weights = load_preset(name)
+    model.eval()
+    macs = count_macs(model, LR_SIZE).macs
+    lr = torch.rand(1, 3, LR_SIZE[1], LR_SIZE[0], generator=torch.Generator().manual_seed(0))
+    row: dict = {"preset": name, "weights": weights, "gmacs": macs / 1e9, "load_before": os.getloadavg()[0]}
+    start = time.perf_counter()
+    picked = choose_backend(model, cache_dir)
+    row["choose_seconds"] = time.perf_counter() - start
+    decision = json.loads(decision_path(model, cache_dir).read_text())
+    runners = {"eager": prepare_backend(model, "eager")}
+    if picked != "eager":
+        runners[picked] = prepare_backend(model, picked, cache_dir)
+    rss = {}
+    for backend, runner in runners.items():  # warm-up call, with the process's peak RSS during it
+        with PeakRSS() as sampler:
+            runner(lr)
+        rss[backend] = sampler.peak
+    times = interleaved_latencies(runners, lr, repeats)
+    for label, backend in (("eager", "eager"), ("picked", picked)):
+        seconds = statistics.median(times[backend])
+        row[label] = {
+            "backend": backend,
+            "latency_s": seconds,
+            "latency_min_s": min(times[backend]),
+            "gflops": 2 * macs / seconds / 1e9,
+            "pct_peak": 100 * 2 * macs / seconds / 1e9 / peak,
+            "peak_rss_mb": rss[backend] / 2**20,
+        }
+    row["speedup"] = row["eager"]["latency_s"] / row["picked"]["latency_s"]
+    row["decision"] = {
+        t["backend"]: (round(t["speedup"], 2), t["psnr"], t["accepted"]) for t in decision["trials"]
+    }
+    row["psnr_fp32"] = decision["psnr_fp32"]
+    row["load_after"] = os.getloadavg()[0]
+    return row
+
+
+def run_4k_child(backend: str, cache_dir: Path, tile: str) -> dict:
+    """Upscale a 1920x1080 image to 3840x2160 with edsr_mini; report this process's own peak RSS."""
+    torch.manual_seed(0)
+    model = create_model("edsr_mini", 2).eval()
+    rng = np.random.default_rng(0)
+    image = rng.random((1080, 1920, 3), dtype=np.float32)
+    runner = prepare_backend(model, backend, cache_dir)
+    tiles: list[tuple[int, int]] = []
+    start = time.perf_counter()
+    out = upscale_array(
+        model,
+        image,
+        tile=None if tile == "auto" else int(tile),
+        backend=runner,
+        on_progress=lambda i, n: tiles.append((i, n)),
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "backend": backend,
+        "tile": tile,
+        "tiles": tiles[-1][1] if tiles else 0,
+        "output": list(out.shape),
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def bench_4k(backend: str, cache_dir: Path, tile: str) -> dict:
+    command = [sys.executable, __file__, "--child-4k", backend, "--cache-dir", str(cache_dir), "--tile", tile]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(peak: float, rows: list[dict], upscale_4k: list[dict]) -> None:
+    machine = machine_signature()
+    threads = torch.get_num_threads()
+    print(
+        f"\nCPU {machine['cpu']}, {threads} threads, torch {machine['torch']}, ORT {machine['onnxruntime']}"
+    )
+    print(f"fp32 matmul peak (torch.mm 2048²): {peak:.1f} GFLOP/s; load = 1-min load average before-after")
+    print("GMACs at x2, LR 640x360 (FlopCounterMode / 2); GFLOP/s and % of peak from the median latency\n")
+    print("| preset | GMACs | path | latency median (min) s | GFLOP/s | % peak | speed-up | RSS MB | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for label in ("eager", "picked"):
+            r = row[label]
+            speedup = "1.00" if label == "eager" else f"{row['speedup']:.2f}"
+            print(
+                f"| {row['preset']} | {row['gmacs']:.2f} | {r['backend']} | {r['latency_s']:.3f} "
+                f"({r['latency_min_s']:.3f}) | {r['gflops']:.1f} | {r['pct_peak']:.0f}% | {speedup}x | "
+                f"{r['peak_rss_mb']:.0f} | {row['load_before']:.1f}-{row['load_after']:.1f} |"
+            )
+    print("\nchoose_backend trials (speed-up at LR 128x128, mean Y-PSNR, accepted):")
+    for row in rows:
+        print(f"  {row['preset']} ({row['weights']}): fp32 {row['psnr_fp32']}, {row['decision']}")
+    for result in upscale_4k:
+        print(
+            f"\n4K: edsr_mini 1920x1080 -> 3840x2160, {result['backend']}, tile {result['tile']} "
+            f"({result['tiles']} tiles): {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB "
+            "(own process)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="also run edsr and swinir once (slow)")
+    parser.add_argument("--presets", nargs="+", help="only these presets")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir() / "bench")
+    parser.add_argument("--tile", default="auto", help="LR tile for the 4K run (default auto)")
+    parser.add_argument("--child-4k", metavar="BACKEND", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(cpu_cores())
+
+    if args.child_4k:
+        print(json.dumps(run_4k_child(args.child_4k, args.cache_dir, args.tile)))
+        return
+
+    peak = matmul_peak_gflops()
+    print(f"matmul peak {peak:.1f} GFLOP/s", flush=True)
+    presets = args.presets or list(SMALL_PRESETS) + (list(BIG_PRESETS) if args.big else [])
+    rows = []
+    for name in presets:
+        repeats = 1 if name in BIG_PRESETS else args.repeats
+        rows.append(bench_preset(name, peak, repeats, args.cache_dir))
+        print(json.dumps(rows[-1]), flush=True)
+    edsr_mini = next((r for r in rows if r["preset"] == "edsr_mini"), None)
+    backend_4k = edsr_mini["picked"]["backend"] if edsr_mini else "eager"
+    upscale_4k = [bench_4k(backend_4k, args.cache_dir, args.tile)]
+    if backend_4k != "eager":
+        upscale_4k.append(bench_4k("eager", args.cache_dir, args.tile))
+    print_table(peak, rows, upscale_4k)
+    if args.json:
+        args.json.write_text(
+            json.dumps({"matmul_peak_gflops": peak, "rows": rows, "4k": upscale_4k}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
