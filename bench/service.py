@@ -119,7 +119,7 @@ def bench_jobs(
             os.kill(kill_pid, signal.SIGKILL)
             killed = True
             if restart:
-                replacement = subprocess.Popen(restart, shell=True)
+                replacement = subprocess.Popen(restart, shell=True, executable="/bin/bash")
         if all(s in ("succeeded", "failed", "canceled") for s in states):
             break
         time.sleep(2)
