@@ -173,6 +173,7 @@ def bench_preset(name: str, peak: float, repeats: int, cache_dir: Path) -> dict:
         t["backend"]: (round(t["speedup"], 2), t["psnr"], t["accepted"]) for t in decision["trials"]
     }
     row["psnr_fp32"] = decision["psnr_fp32"]
+    row["timing_lr_size"] = decision["timing_lr_size"]
     row["load_after"] = os.getloadavg()[0]
     return row
 
@@ -242,9 +243,10 @@ def print_table(peak: float, rows: list[dict], upscale_4k: list[dict]) -> None:
                 f"{r['pct_peak']:.0f}% ({r['pct_adjacent_peak']:.0f}%) | {speedup}x | "
                 f"{r['peak_rss_mb']:.0f} | {row['load_before']:.1f}-{row['load_after']:.1f} |"
             )
-    print("\nchoose_backend trials (speed-up at LR 128x128, mean Y-PSNR, accepted):")
+    print("\nchoose_backend trials (speed-up on its timing input, mean Y-PSNR on Set5, accepted):")
     for row in rows:
-        print(f"  {row['preset']} ({row['weights']}): fp32 {row['psnr_fp32']}, {row['decision']}")
+        size = "x".join(map(str, row["timing_lr_size"]))
+        print(f"  {row['preset']} ({row['weights']}, at {size}): fp32 {row['psnr_fp32']}, {row['decision']}")
     for result in upscale_4k:
         print(
             f"\n4K: edsr_mini 1920x1080 -> 3840x2160, {result['backend']}, tile {result['tile']} "

@@ -64,9 +64,10 @@ MIN_TILE = 32  # out-of-memory retries stop halving here
 CPU_BUDGET_CAP = 1 << 30  # at most 1 GiB of activations per tile on CPU (keeps a 4K upscale < 1.5 GB RSS)
 LIVE_ACTIVATIONS = 4  # feature maps of the widest layer alive at once (input, output, residual, temp)
 MAX_ORT_SESSIONS = 4  # ONNX Runtime sessions kept per runner (SwinIR graphs are per tile shape)
+QUICK_PROBE_SECONDS = 0.15  # eager time on LR 128x128 under which backends are timed on 256x256
 PSNR_TOLERANCE_DB = 0.05  # a fast backend is accepted when its Y-PSNR is this close to fp32's
 FEATHER_FLOOR = 1e-6  # smallest blending weight; the tile grid keeps every pixel's weight sum >= ~0.25
-DECISION_VERSION = 2  # bump when the decision procedure changes, so stale cached decisions are ignored
+DECISION_VERSION = 3  # bump when the decision procedure changes, so stale cached decisions are ignored
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -612,7 +613,7 @@ class BackendDecision:
     psnr_fp32: float | None
     trials: list[BackendTrial] = field(default_factory=list)
     machine: dict[str, str] = field(default_factory=dict)
-    timing_lr_size: tuple[int, int] = (128, 128)
+    timing_lr_size: tuple[int, int] = (128, 128)  # (width, height) of the timing input
     version: int = DECISION_VERSION
 
     def to_json(self) -> str:
@@ -711,13 +712,24 @@ def _eval_images(model: nn.Module, eval_dir: Path) -> list[tuple[str, np.ndarray
     return [(image.name, image.hr, image.lr) for image in load_eval_set(eval_dir, model_scale(model))]
 
 
+def default_timing_size(eager: Runner) -> tuple[int, int]:
+    """LR (width, height) for timing the backends: 256x256 when one eager pass on 128x128 is quick
+    (small models, whose ranking shifts with size: per-call overheads weigh more on small inputs, and
+    256 is nearer the tiles and images they serve), else 128x128 to keep the measurement short."""
+    probe = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    eager(probe)  # warm-up
+    start = time.perf_counter()
+    eager(probe)
+    return (256, 256) if time.perf_counter() - start < QUICK_PROBE_SECONDS else (128, 128)
+
+
 def measure_backends(
     model: nn.Module,
     cache_dir: str | Path | None = None,
     *,
     eval_dir: str | Path | None = None,
     candidates: Iterable[str] | None = None,
-    timing_lr_size: tuple[int, int] = (128, 128),
+    timing_lr_size: tuple[int, int] | None = None,
 ) -> BackendDecision:
     """Time eager and each candidate; evaluate the faster ones; pick the fastest within 0.05 dB of fp32.
 
@@ -736,9 +748,9 @@ def measure_backends(
         eval_dir = sample_dir(cache_dir / "samples")
     eval_dir = Path(eval_dir)
 
-    width, height = timing_lr_size
-    lr = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     eager = prepare_backend(model, "eager", cache_dir)
+    width, height = timing_lr_size or default_timing_size(eager)
+    lr = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     runners: dict[str, Runner] = {"eager": eager}
     unavailable: dict[str, str] = {}
     for name in names:

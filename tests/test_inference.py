@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from types import SimpleNamespace
 
 import cv2
@@ -336,6 +337,11 @@ def test_choose_backend_rejects_inaccurate_and_slow_paths(models, tmp_path, tiny
         model, tmp_path, eval_dir=tiny_eval_dir, candidates=["channels_last"]
     )
     assert decision.backend == "eager" and decision.psnr_fp32 is None  # nothing faster: no evaluation needed
+
+
+def test_timing_size_grows_for_quick_models():
+    assert inference.default_timing_size(lambda lr: lr) == (256, 256)
+    assert inference.default_timing_size(lambda lr: time.sleep(0.2)) == (128, 128)
 
 
 def test_backend_names():
