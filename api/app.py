@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             resolved.upscale_concurrency, resolved.upscale_queue
         )
         services.extras["model_cache"] = upscale.ModelCache(resolved.model_cache_bytes)
+        services.extras["backend_tuner"] = upscale.BackendTuner(resolved.data_dir / "cache")
         services.extras["metrics"] = health.Metrics(services)
         services.extras["presets"] = models.PresetTable(resolved.data_dir / "cache")
         app.state.services = services
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             services.extras["upscale_pool"].shutdown()
+            services.extras["backend_tuner"].shutdown()
             services.close()
 
     app = FastAPI(

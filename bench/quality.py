@@ -2,7 +2,7 @@
 then train the same student twice with the same wall-clock budget: with the KD loss (fast loop,
 cached teacher outputs) and with plain L1 to the ground truth (no teacher).
 
-    .venv/bin/python bench/quality.py [--minutes 20] [--prune-iters 200] [--target-params 45000]
+    .venv/bin/python bench/quality.py [--minutes 20] [--lr 2e-3] [--prune-iters 200] [--target-params 45000]
 
 Data: ../shared/data/train (HR images; LR made with the MATLAB bicubic), validation Set5/Set14/B100.
 The default run takes under an hour on a 2-core CPU. Prints a markdown table for bench/RESULTS.md.
@@ -34,6 +34,13 @@ VAL_SETS = ("Set5", "Set14", "B100")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget per student")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=2e-3,
+        help="distillation lr of both students (the 1e-4 default suits the paper's 800k iterations; "
+        "a budget of a few thousand needs more)",
+    )
     parser.add_argument("--prune-iters", type=int, default=200)
     parser.add_argument("--lambda", dest="lambda_", type=float, default=1e-4)
     parser.add_argument("--target-params", type=int, default=45_000)
@@ -72,6 +79,7 @@ def main() -> None:
             config = DistillConfig(
                 iterations=10**7,  # the wall-clock budget ends the run
                 loss=loss,
+                lr=args.lr,
                 lr_milestones=[],
                 validate_every=0,
                 checkpoint_every=10**9,

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import platform
+import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -239,6 +240,7 @@ class OnnxRuntimeRunner:
         self.fingerprint = model_fingerprint(model)
         self.dynamic = supports_dynamic_shapes(model)
         self.sessions: dict[str, object] = {}
+        self._lock = threading.Lock()  # one export per graph when several threads share this runner
 
     def graph_path(self, width: int, height: int) -> Path:
         shape = "dynamic" if self.dynamic else f"{width}x{height}"
@@ -249,13 +251,14 @@ class OnnxRuntimeRunner:
 
         path = self.graph_path(width, height)
         key = path.name
-        if key not in self.sessions:
-            if not path.is_file():
-                export_onnx(self.model, path, example_lr_size=(width, height), dynamic=self.dynamic)
-            while len(self.sessions) >= MAX_ORT_SESSIONS:  # SwinIR: one per shape; keep the newest few
-                self.sessions.pop(next(iter(self.sessions)))
-            self.sessions[key] = ort_session(path)
-        return self.sessions[key]
+        with self._lock:
+            if key not in self.sessions:
+                if not path.is_file():
+                    export_onnx(self.model, path, example_lr_size=(width, height), dynamic=self.dynamic)
+                while len(self.sessions) >= MAX_ORT_SESSIONS:  # SwinIR: one per shape; keep the newest few
+                    self.sessions.pop(next(iter(self.sessions)))
+                self.sessions[key] = ort_session(path)
+            return self.sessions[key]
 
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         session = self.session_for(width=lr.shape[3], height=lr.shape[2])
@@ -812,21 +815,32 @@ def decision_path(model: nn.Module, cache_dir: str | Path | None = None) -> Path
     return cache_dir / "backend" / f"{decision_key(model_fingerprint(model), machine_signature())}.json"
 
 
+def cached_backend(model: nn.Module, cache_dir: str | Path | None = None) -> str | None:
+    """The backend `choose_backend` already decided for this model on this machine, or None (cheap)."""
+    path = decision_path(model, cache_dir)
+    if not path.is_file():
+        return None
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable backend decision %s", path)
+        return None
+    if cached.get("version") == DECISION_VERSION and cached.get("backend") in BACKENDS:
+        return str(cached["backend"])
+    return None
+
+
 def choose_backend(model: nn.Module, cache_dir: str | Path | None = None, **measure_options) -> str:
     """The fastest backend whose Y-PSNR stays within 0.05 dB of fp32 for this model on this machine.
 
     Measured once per (model config + weights, machine) and cached as JSON under cache_dir/backend/;
     later calls read the file. `measure_options` go to `measure_backends` (eval_dir, candidates, ...).
     """
-    path = decision_path(model, cache_dir)
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("version") == DECISION_VERSION and cached.get("backend") in BACKENDS:
-                return str(cached["backend"])
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable backend decision %s", path)
+    cached = cached_backend(model, cache_dir)
+    if cached is not None:
+        return cached
     decision = measure_backends(model, cache_dir, **measure_options)
+    path = decision_path(model, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(decision.to_json())

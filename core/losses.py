@@ -88,8 +88,17 @@ def laplacian_level_means(
     x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEVELS
 ) -> list[torch.Tensor]:
     """Unweighted mean|P_i(x) − P_i(y)| per level, P_0 finest (for logging and tests)."""
-    pairs = zip(laplacian_pyramid(x, levels), laplacian_pyramid(y, levels), strict=True)
-    return [(px - py).abs().mean() for px, py in pairs]
+    return [level.abs().mean() for level in laplacian_pyramid(x - y, levels)]
+
+
+def laplacian_norm(difference: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
+    """Σ_i 2^i · mean|P_i(difference)|: L_Lap of two images given their difference.
+
+    The pyramid is linear (blur, pool, zero-insertion, differences), so P_i(x) − P_i(y) = P_i(x − y):
+    one pyramid of the difference costs half of two pyramids, in the loss of every training step.
+    """
+    pyramid = laplacian_pyramid(difference, levels)
+    return sum((2.0**i) * level.abs().mean() for i, level in enumerate(pyramid))
 
 
 def laplacian_loss(x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
@@ -97,8 +106,7 @@ def laplacian_loss(x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEV
 
     Means, not sums: the summed variant (ST-MFNet) is 10⁴–10⁶ times larger and swamps the L1 term.
     """
-    level_means = laplacian_level_means(x, y, levels)
-    return sum((2.0**i) * mean for i, mean in enumerate(level_means))
+    return laplacian_norm(x - y, levels)
 
 
 def high_frequency(x: torch.Tensor) -> torch.Tensor:
@@ -122,16 +130,22 @@ class KDLossParts:
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """L_dis = L_Lap(student, teacher) + L_Lap(HF student, HF teacher)."""
-    return laplacian_loss(student, teacher) + laplacian_loss(high_frequency(student), high_frequency(teacher))
+    parts = kd_loss_parts(student, teacher, teacher, alpha=0.0)
+    return parts.lap + parts.lap_hf
 
 
 def kd_loss_parts(
     student: torch.Tensor, teacher: torch.Tensor, gt: torch.Tensor, alpha: float = 0.1
 ) -> KDLossParts:
-    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging."""
+    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging.
+
+    HF is linear too, so HF(student) − HF(teacher) = HF(student − teacher): both Laplacian terms are
+    computed from the one difference image.
+    """
     l1 = F.l1_loss(student, gt)
-    lap = laplacian_loss(student, teacher)
-    lap_hf = laplacian_loss(high_frequency(student), high_frequency(teacher))
+    difference = student - teacher
+    lap = laplacian_norm(difference)
+    lap_hf = laplacian_norm(high_frequency(difference))
     return KDLossParts(total=alpha * l1 + lap + lap_hf, l1=l1, lap=lap, lap_hf=lap_hf)
 
 

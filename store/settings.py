@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     model_cache_bytes: int = Field(
         default=1 * GIB, ge=0, description="Memory budget of the loaded-model LRU cache for /upscale."
     )
+    upscale_backend: Literal["auto", "eager", "channels_last", "sdpa", "bf16", "fp16", "onnxruntime"] = Field(
+        default="auto",
+        description="/upscale inference path. auto: a model is served eagerly until the fastest path within "
+        "0.05 dB of fp32 has been measured for it (once per model and machine, in the background; the "
+        "decision is cached under data_dir/cache).",
+    )
 
     @model_validator(mode="after")
     def _fill_derived_paths(self) -> Settings:

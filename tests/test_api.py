@@ -10,6 +10,7 @@ import io
 import json
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -372,6 +373,43 @@ def test_upscale_full_queue_answers_503(alice, rlfn_model):
     print("statuses:", codes)
     assert set(codes) <= {200, 503} and 200 in codes and 503 in codes
     assert all(retry is not None for code, retry in statuses if code == 503)
+
+
+def test_upscale_switches_to_the_measured_fastest_backend(stack, alice, rlfn_model):
+    """upscale_backend=auto (the default): the first request is served eagerly at once while the API
+    measures the model's backends in the background; once the decision is on disk, requests use it."""
+    from core.inference import BACKENDS
+
+    model_id = rlfn_model[0]["id"]
+    image = {"file": ("a.png", png_bytes(32, 32))}
+    first = alice.post("/v1/upscale", files=image, data={"model_id": model_id})
+    assert first.status_code == 200 and first.headers["x-srcompress-backend"] in BACKENDS
+
+    decisions_dir = Path(stack[3]["SRCOMPRESS_DATA_DIR"]) / "cache" / "backend"
+    decisions = wait_until(lambda: sorted(decisions_dir.glob("*.json")), 600, "the backend decision")
+    assert len(decisions) == 1, decisions  # one model was upscaled, so one decision
+    decision = json.loads(decisions[0].read_text())
+    trials = [(trial["backend"], round(trial["speedup"], 2)) for trial in decision["trials"]]
+    print("decision:", decision["backend"], trials)
+    assert decision["family"] == "rlfn"
+
+    def served_backend() -> str | None:
+        response = alice.post("/v1/upscale", files=image, data={"model_id": model_id})
+        assert response.status_code == 200, response.text
+        backend = response.headers["x-srcompress-backend"]
+        return backend if backend == decision["backend"] else None
+
+    wait_until(served_backend, 30, f"requests served with {decision['backend']}")
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # --- jobs ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -70,7 +71,8 @@ def celery_worker(env: dict[str, str], log_path: Path):
 
 
 @contextmanager
-def production_stack(tmp: Path):
+def production_services(tmp: Path, **settings: str):
+    """Postgres (a throwaway database), Redis and moto S3; yields the SRCOMPRESS_* environment."""
     reason = postgres_unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -80,11 +82,9 @@ def production_stack(tmp: Path):
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
     except Exception as error:
         pytest.skip(f"Redis at {REDIS_URL} unreachable: {error}")
-    with ExitStack() as stack:
-        database_url = stack.enter_context(throwaway_postgres_database())
-        s3_url = stack.enter_context(moto_s3_server())
+    with throwaway_postgres_database() as database_url, moto_s3_server() as s3_url:
         migrate(database_url)
-        env = {
+        yield {
             "SRCOMPRESS_DATA_DIR": str(tmp / "data"),
             "SRCOMPRESS_DATABASE_URL": database_url,
             "SRCOMPRESS_BROKER_URL": REDIS_URL,
@@ -93,14 +93,21 @@ def production_stack(tmp: Path):
             "SRCOMPRESS_S3_BUCKET": "srcompress-lifecycle",
             "SRCOMPRESS_S3_ACCESS_KEY": "testing",
             "SRCOMPRESS_S3_SECRET_KEY": "testing",
+            **{f"SRCOMPRESS_{name.upper()}": value for name, value in settings.items()},
         }
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@contextmanager
+def production_stack(tmp: Path):
+    with ExitStack() as stack:
+        env = stack.enter_context(production_services(tmp))
         key = create_key(env, "lifecycle")
         url = stack.enter_context(uvicorn_server(env, free_port(), tmp / "uvicorn.log"))
         stack.enter_context(
             celery_worker({**env, "SRCOMPRESS_DATA_DIR": str(tmp / "worker")}, tmp / "worker.log")
         )
         yield url, key, [tmp / "uvicorn.log", tmp / "worker.log"]
-    redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 @contextmanager
@@ -232,3 +239,128 @@ def run_lifecycle(url: str, key: str, topology: str) -> None:
         # The idempotent retry of the finished submission still answers the same job.
         again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"lifecycle-{topology}"})
         assert again.json()["id"] == job_id and again.json()["state"] == "succeeded"
+
+
+# --- cancel and a lost worker, through HTTP -----------------------------------------------------------
+
+LEASE_SECONDS = 4  # short, so that the reaper notices the killed worker within seconds
+
+
+def wait_for_job(client: httpx.Client, job_id: str, done, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {job}")
+
+
+def job_events(client: httpx.Client, job_id: str) -> list[dict]:
+    """Every event so far (`follow=false`: the stream ends after the backlog, even for a running job)."""
+    url = f"/v1/jobs/{job_id}/events?follow=false"
+    with client.stream("GET", url, timeout=httpx.Timeout(10, read=60)) as response:
+        text = "".join(response.iter_text())
+    return [json.loads(m["data"]) for m in parse_sse(text) if m.get("event") != "end"]
+
+
+def distilled(job: dict) -> int:
+    """The latest distillation iteration a job's metrics report (0 before distillation)."""
+    return (job["metrics"] or {}).get("distilling", {}).get("iteration", 0)
+
+
+def distill_iterations(events: list[dict]) -> list[int]:
+    return [
+        e["metrics"]["iteration"]
+        for e in events
+        if e["state"] == "distilling" and e.get("metrics") and "iteration" in e["metrics"]
+    ]
+
+
+@pytest.mark.skipif(WORKER_MISSING, reason="worker/ (celery -A worker.app) is not written yet")
+def test_cancel_and_killed_worker_through_http(tmp_path):
+    """On the production topology, driven by HTTP: cancel stops a running job within seconds and frees
+    its worker; a worker SIGKILLed mid-distillation loses nothing: the reaper re-queues its job, which
+    resumes from its stored checkpoint on another worker and succeeds."""
+    settings = {"lease_seconds": str(LEASE_SECONDS), "heartbeat_seconds": "1", "max_attempts": "3"}
+    with ExitStack() as stack:
+        env = stack.enter_context(production_services(tmp_path, **settings))
+        key = create_key(env, "recovery")
+        url = stack.enter_context(uvicorn_server(env, free_port(), tmp_path / "uvicorn.log"))
+        worker_env = {**env, "SRCOMPRESS_DATA_DIR": str(tmp_path / "worker")}
+        first = stack.enter_context(celery_worker(worker_env, tmp_path / "worker-1.log"))
+        client = stack.enter_context(
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        )
+        logs = [tmp_path / name for name in ("uvicorn.log", "worker-1.log", "worker-2.log")]
+        try:
+            torch.manual_seed(0)
+            buffer = io.BytesIO()
+            torch.save(create_model("rlfn_s", 2).state_dict(), buffer)
+            teacher = client.post("/v1/models", files={"file": ("teacher.pth", buffer.getvalue())}).json()
+            images = {f"{i}.png": png_bytes(48, 48, seed=i) for i in range(3)}
+            dataset = client.post("/v1/datasets", files={"file": ("tiny.zip", zip_bytes(images))}).json()
+            body = {
+                "model": "rlfn_s",
+                "scale": 2,
+                "teacher_model_id": teacher["id"],
+                "train_dataset_ids": [dataset["id"]],
+                "val_dataset_ids": [dataset["id"]],
+                "target_params": 20_000,
+                "prune_iters": 2,
+                "batch_size": 2,
+                "patch_size": 16,
+                "validate_every": 0,
+                "device": "cpu",
+            }
+
+            # Cancel: a job that would run for hours ends `canceled` within seconds of the request.
+            long_job = client.post("/v1/jobs", json={**body, "distill_iters": 100_000}).json()
+            wait_for_job(client, long_job["id"], lambda j: j["state"] == "distilling", 180, "distilling")
+            asked = time.monotonic()
+            canceled = client.post(f"/v1/jobs/{long_job['id']}/cancel")
+            assert canceled.status_code == 202, canceled.text
+            finished = ("canceled", "failed", "succeeded")
+            job = wait_for_job(client, long_job["id"], lambda j: j["state"] in finished, 30, "cancel")
+            print(f"canceled {time.monotonic() - asked:.1f} s after the request")
+            assert job["state"] == "canceled" and job["finished_at"]
+            messages = [e["message"] for e in job_events(client, long_job["id"])]
+            assert "cancel requested" in messages and "canceled by request" in messages
+
+            # A lost worker: SIGKILL mid-distillation, after a checkpoint was stored; a second worker
+            # (its reaper) re-queues the job when the lease expires and resumes it from that checkpoint.
+            resumable = {**body, "distill_iters": 600, "checkpoint_every": 20}
+            job_id = client.post("/v1/jobs", json=resumable).json()["id"]
+            job = wait_for_job(
+                client,
+                job_id,
+                lambda j: j["state"] == "distilling" and distilled(j) >= 50,
+                240,
+                "distillation past its second checkpoint (every 20)",
+            )
+            time.sleep(1.5)  # at least one heartbeat, which uploads the newest checkpoint
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            killed_at = job_events(client, job_id)
+            state = client.get(f"/v1/jobs/{job_id}").json()["state"]
+            assert state == "distilling", f"the job was {state} at the kill"
+            print("killed at distill iteration", max(distill_iterations(killed_at)))
+
+            stack.enter_context(celery_worker(worker_env, tmp_path / "worker-2.log"))
+            job = wait_for_job(client, job_id, lambda j: j["state"] in finished, 300, "the rescue")
+            assert job["state"] == "succeeded", job
+            assert job["attempts"] == 2
+            events = job_events(client, job_id)
+            requeued = next(i for i, e in enumerate(events) if e["message"] == "worker lost; re-queued")
+            before, after = distill_iterations(events[:requeued]), distill_iterations(events[requeued:])
+            print("distill iterations before the kill:", before[-3:], "after:", after[:3], "...")
+            # Resumed from a stored checkpoint (a multiple of 20 past 0), not from iteration 0.
+            assert after and after[0] > 20
+            report = client.get(f"/v1/jobs/{job_id}/report").json()
+            assert report["distill"]["iterations"] == 600
+            assert client.get(f"/v1/models/{job['result_model_id']}").status_code == 200
+        except BaseException:
+            for log in logs:
+                if log.exists():
+                    print(f"--- {log.name} ---\n{log.read_text()[-4000:]}")
+            raise

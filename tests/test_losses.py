@@ -160,3 +160,22 @@ def test_gradients_flow_to_the_student_only() -> None:
     assert torch.autograd.gradcheck(
         lambda s: kd_loss(s, target, target), (small,), eps=1e-7, atol=1e-5, fast_mode=True
     )
+
+
+def test_one_pyramid_of_the_difference_equals_two_pyramids() -> None:
+    """The loss uses P(x − y) and HF(x − y); the paper's form subtracts two pyramids. Same numbers."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 48, dtype=torch.float64), torch.rand(2, 3, 64, 48, dtype=torch.float64)
+    two_pyramids = sum(
+        (2.0**i) * (px - py).abs().mean()
+        for i, (px, py) in enumerate(zip(laplacian_pyramid(x), laplacian_pyramid(y), strict=True))
+    )
+    hf_pyramids = sum(
+        (2.0**i) * (px - py).abs().mean()
+        for i, (px, py) in enumerate(
+            zip(laplacian_pyramid(high_frequency(x)), laplacian_pyramid(high_frequency(y)), strict=True)
+        )
+    )
+    parts = kd_loss_parts(x, y, y)
+    assert float(parts.lap) == pytest.approx(float(two_pyramids), abs=1e-12)
+    assert float(parts.lap_hf) == pytest.approx(float(hf_pyramids), abs=1e-12)
