@@ -6,6 +6,8 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from core.pipeline import JobParams
 from store.tables import Dataset, Job, JobEvent, Model
@@ -19,6 +21,16 @@ class Page(BaseModel, Generic[Item]):
     total: int
     limit: int
     offset: int
+
+    @classmethod
+    def of_rows(
+        cls, session: Session, table: Any, where: list[Any], to_item: Any, limit: int, offset: int
+    ) -> Page[Item]:
+        """One page of `table`'s rows matching `where`, newest first (id breaks ties), as items."""
+        total = session.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+        newest_first = select(table).where(*where).order_by(table.created_at.desc(), table.id)
+        rows = session.execute(newest_first.limit(limit).offset(offset)).scalars()
+        return cls(items=[to_item(row) for row in rows], total=total, limit=limit, offset=offset)
 
 
 # --- models -----------------------------------------------------------------------------------------

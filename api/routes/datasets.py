@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import Response
-from sqlalchemy import func, or_, select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import Caller, Services, current_caller, get_services, read_session
@@ -250,17 +250,7 @@ def list_datasets(
         or_(Dataset.owner_key_id == caller.key_id, Dataset.owner_key_id.is_(None)),
         Dataset.deleted_at.is_(None),
     ]
-    total = session.execute(select(func.count()).select_from(Dataset).where(*where)).scalar_one()
-    rows = session.execute(
-        select(Dataset)
-        .where(*where)
-        .order_by(Dataset.created_at.desc(), Dataset.id)
-        .limit(limit)
-        .offset(offset)
-    ).scalars()
-    return Page[DatasetOut](
-        items=[DatasetOut.of(row) for row in rows], total=total, limit=limit, offset=offset
-    )
+    return Page[DatasetOut].of_rows(session, Dataset, where, DatasetOut.of, limit, offset)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, summary="One dataset")

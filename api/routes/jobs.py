@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import TASK_NAME, TASK_QUEUE, Caller, Services, current_caller, get_services, read_session
@@ -161,11 +161,7 @@ def list_jobs(
                 422, "invalid_request", f"unknown state {unknown[0]!r}; choose from {', '.join(JOB_STATES)}"
             )
         where.append(Job.state.in_(states))
-    total = session.execute(select(func.count()).select_from(Job).where(*where)).scalar_one()
-    rows = session.execute(
-        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    ).scalars()
-    return Page[JobOut](items=[JobOut.of(row) for row in rows], total=total, limit=limit, offset=offset)
+    return Page[JobOut].of_rows(session, Job, where, JobOut.of, limit, offset)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job: state, stage, progress, metrics")

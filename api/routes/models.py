@@ -229,11 +229,7 @@ def list_models(
     where = [Model.owner_key_id == caller.key_id, Model.deleted_at.is_(None)]
     if source:
         where.append(Model.source == source)
-    total = session.execute(select(func.count()).select_from(Model).where(*where)).scalar_one()
-    rows = session.execute(
-        select(Model).where(*where).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)
-    ).scalars()
-    return Page[ModelOut](items=[ModelOut.of(row) for row in rows], total=total, limit=limit, offset=offset)
+    return Page[ModelOut].of_rows(session, Model, where, ModelOut.of, limit, offset)
 
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model")
