@@ -67,7 +67,7 @@ class JobParams(BaseModel):
     channel_multiple: int | None = Field(None, ge=1)
     student: tuple[int, int, int] | None = Field(None, description="override the compact (nc, nl, nb)")
     student_init: Literal["scratch", "inherit"] = Field(
-        "scratch", description="scratch (the paper) or inherit the pruned teacher's weights (EDSR, RLFN)"
+        "scratch", description="scratch (the paper) or inherit the pruned teacher's weights"
     )
     teacher_cache: bool = True
     validate_every: int = Field(500, ge=0)

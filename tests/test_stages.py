@@ -118,7 +118,6 @@ def test_cached_teacher_targets_match_per_patch_targets_inside(patches):
 
 def test_inherit_starts_the_student_from_the_teachers_weights(shared_weights, shared_data):
     from core.distill.inherit import evenly_spaced, inherit_weights
-    from core.errors import UserError
     from core.evaluate import evaluate_dataset
     from core.models import load_checkpoint
 
@@ -140,5 +139,42 @@ def test_inherit_starts_the_student_from_the_teachers_weights(shared_weights, sh
 
     edsr_student = create_model("edsr_mini", 2)
     inherit_weights(edsr_student, create_model("edsr_baseline", 2))  # PixelShuffle groups line up
-    with pytest.raises(UserError, match="EDSR and RLFN"):
-        inherit_weights(create_model("swinir_mini", 2), create_model("swinir_lightweight", 2))
+
+
+def test_swinir_inherit_is_head_aware():
+    """swinir_lightweight (60 dims, head_dim 10) -> swinir_mini (24 dims, head_dim 4), 6 heads each."""
+    from core.distill.inherit import evenly_spaced, inherit_weights
+    from core.errors import UserError
+
+    torch.manual_seed(0)
+    teacher, student = create_model("swinir_lightweight", 2), create_model("swinir_mini", 2)
+    counts = inherit_weights(student, teacher)
+    assert counts == {"copied": len(student.state_dict()), "skipped": 0, "channels": 24, "blocks": 3}
+    assert evenly_spaced(4, 3) == [0, 2, 3]
+
+    # Student RSTB 1, layer 0 comes from teacher RSTB 2, layer 0.
+    channels = torch.sort(torch.topk(teacher.conv_first.weight.abs().flatten(1).sum(1), 24).indices).values
+    t_attn = teacher.layers[2].residual_group.blocks[0].attn
+    s_attn = student.layers[1].residual_group.blocks[0].attn
+    qkv = t_attn.qkv.weight[:, channels]
+    per_dim = qkv.abs().sum(1).view(3, 6, 10).sum(0)
+    kept = torch.sort(torch.topk(per_dim, 4, dim=1).indices, dim=1).values
+    for head in range(6):  # every head keeps 4 of its own 10 dims, the same ones in q, k and v
+        rows = head * 10 + kept[head]
+        for part in range(3):
+            assert torch.equal(
+                s_attn.qkv.weight[part * 24 + head * 4 : part * 24 + head * 4 + 4], qkv[part * 60 + rows]
+            )
+        assert torch.equal(
+            s_attn.proj.weight[:, head * 4 : head * 4 + 4], t_attn.proj.weight[channels][:, rows]
+        )
+    assert torch.equal(s_attn.relative_position_bias_table, t_attn.relative_position_bias_table)
+
+    # Inheriting from a model of the same architecture is the identity.
+    same, copy = create_model("swinir_mini", 2).eval(), create_model("swinir_mini", 2).eval()
+    inherit_weights(copy, same)
+    x = torch.rand(1, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(copy(x), same(x))
+    with pytest.raises(UserError, match="window_size"):
+        inherit_weights(create_model("swinir_mini", 2, window_size=4), teacher)

@@ -9,7 +9,11 @@ teacher tensor of the same name (block indices remapped): along each dimension t
 - everything, when the sizes agree (RGB in/out, ESA's inner width, the upsampler's 3s² outputs);
 - the selected feature channels, when the dimension is the feature width (or a PixelShuffle multiple
   of it: EDSR's upsample conv emits k = r² channels per feature channel, in (c, r, r) order).
-SwinIR would need head-aware selection (qkv rows per head); it is refused with a clear message.
+For SwinIR (same heads, window and upsampler as the teacher) the selection is head-aware: RSTBs evenly
+spaced, the first N̂_l Swin layers of each, the top-L1 feature channels of conv_first everywhere a
+dimension is the embedding; in each layer, per head, the head_dim' q/k/v dimensions with the largest
+L1 norm (the same ones for q, k, v and proj's inputs, so attention scores and outputs stay
+consistent), and the MLP's hidden units with the largest fc1 L1 norm.
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ def _slice_dim(tensor: torch.Tensor, dim: int, size: int, channels: torch.Tensor
 def inherit_weights(student: nn.Module, pruned: nn.Module) -> dict[str, int]:
     """Copy slices of `pruned`'s weights into `student` in place; returns counts of what was copied."""
     family = student.config.family
+    if family == "swinir":
+        return _inherit_swinir(student, pruned)
     if family not in FIRST_CONV:
-        raise UserError(f"student_init=inherit is implemented for EDSR and RLFN, not {family}")
+        raise UserError(f"student_init=inherit is implemented for EDSR, RLFN and SwinIR, not {family}")
     teacher_state = pruned.state_dict()
     t_nc, _, t_nb = pruned.config.triple
     s_nc, _, s_nb = student.config.triple
@@ -74,3 +80,97 @@ def inherit_weights(student: nn.Module, pruned: nn.Module) -> dict[str, int]:
         target.copy_(source)
         copied += 1
     return {"copied": copied, "skipped": skipped, "channels": s_nc, "blocks": s_nb}
+
+
+SWINIR_LAYER = re.compile(r"^layers\.(\d+)\.residual_group\.blocks\.(\d+)\.")
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+@torch.no_grad()
+def _inherit_swinir(student: nn.Module, pruned: nn.Module) -> dict[str, int]:
+    t_cfg, s_cfg = pruned.config, student.config
+    for field in ("window_size", "upsampler", "resi_connection", "scale"):
+        if getattr(t_cfg, field) != getattr(s_cfg, field):
+            raise UserError(
+                f"SwinIR inherit needs the teacher's {field}; student has {getattr(s_cfg, field)}"
+            )
+    if len(set(t_cfg.num_heads) | set(s_cfg.num_heads)) != 1:
+        raise UserError("SwinIR inherit needs the same number of heads in every layer of both models")
+    heads = s_cfg.num_heads[0]
+    t_dim, s_dim = t_cfg.embed_dim, s_cfg.embed_dim
+    t_head, s_head = t_dim // heads, s_dim // heads
+    s_hidden = int(s_dim * s_cfg.mlp_ratio)
+    teacher_state = pruned.state_dict()
+    channels = _top(teacher_state["conv_first.weight"].abs().flatten(1).sum(1), s_dim)
+    rstb_map = dict(enumerate(evenly_spaced(len(t_cfg.depths), len(s_cfg.depths))))
+
+    def feature(tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        for dim in dims:
+            if tensor.shape[dim] == t_dim:
+                tensor = tensor.index_select(dim, channels)
+        return tensor
+
+    copied = 0
+    student_state = student.state_dict()
+    for name, target in student_state.items():
+        match = SWINIR_LAYER.match(name)
+        if match is None:
+            source_name = re.sub(r"^layers\.(\d+)\.", lambda m: f"layers.{rstb_map[int(m.group(1))]}.", name)
+            source = teacher_state[source_name]
+            if "relative_position" not in name:
+                source = feature(source, tuple(range(source.dim())))
+        else:
+            rstb, layer = int(match.group(1)), int(match.group(2))
+            prefix = f"layers.{rstb_map[rstb]}.residual_group.blocks.{layer}."
+            suffix = name[match.end() :]
+            source = _swinir_layer_tensor(
+                teacher_state, prefix, suffix, channels, heads, t_head, s_head, s_hidden
+            )
+        if source.shape != target.shape:
+            raise UserError(
+                f"cannot inherit {name}: teacher slice {tuple(source.shape)} vs {tuple(target.shape)}"
+            )
+        target.copy_(source)
+        copied += 1
+    return {"copied": copied, "skipped": 0, "channels": s_dim, "blocks": len(s_cfg.depths)}
+
+
+def _swinir_layer_tensor(
+    state: dict[str, torch.Tensor],
+    prefix: str,
+    suffix: str,
+    channels: torch.Tensor,
+    heads: int,
+    t_head: int,
+    s_head: int,
+    s_hidden: int,
+) -> torch.Tensor:
+    """The slice of one Swin layer's teacher tensor that becomes the student's `suffix` tensor."""
+    t_dim = heads * t_head
+    qkv = state[prefix + "attn.qkv.weight"].index_select(1, channels)  # (3·t_dim, s_dim)
+    # Per head, the head dimensions with the largest L1 norm over their q, k and v rows.
+    per_dim = qkv.abs().sum(1).view(3, heads, t_head).sum(0)  # (heads, t_head)
+    kept = torch.sort(torch.topk(per_dim, s_head, dim=1).indices, dim=1).values
+    attention_index = (torch.arange(heads)[:, None] * t_head + kept).flatten()  # into heads × t_head
+    qkv_rows = torch.cat([attention_index + part * t_dim for part in range(3)])
+    fc1 = state[prefix + "mlp.fc1.weight"].index_select(1, channels)
+    hidden = _top(fc1.abs().sum(1), s_hidden)  # the MLP's hidden units with the largest fc1 L1 norm
+    tensor = state[prefix + suffix]
+    if suffix == "attn.qkv.weight":
+        return qkv.index_select(0, qkv_rows)
+    if suffix == "attn.qkv.bias":
+        return tensor.index_select(0, qkv_rows)
+    if suffix == "attn.proj.weight":
+        return tensor.index_select(0, channels).index_select(1, attention_index)
+    if suffix == "mlp.fc1.weight":
+        return fc1.index_select(0, hidden)
+    if suffix == "mlp.fc1.bias":
+        return tensor.index_select(0, hidden)
+    if suffix == "mlp.fc2.weight":
+        return tensor.index_select(0, channels).index_select(1, hidden)
+    if suffix.startswith("attn.relative_position") or suffix == "attn_mask":
+        return tensor  # per head (the heads are kept) or per window (the window is kept)
+    return tensor.index_select(0, channels)  # norms, proj.bias, fc2.bias: one value per feature channel
