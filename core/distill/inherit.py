@@ -150,27 +150,27 @@ def _swinir_layer_tensor(
 ) -> torch.Tensor:
     """The slice of one Swin layer's teacher tensor that becomes the student's `suffix` tensor."""
     t_dim = heads * t_head
-    qkv = state[prefix + "attn.qkv.weight"].index_select(1, channels)  # (3·t_dim, s_dim)
+    qkv = state[prefix + "attn.qkv.weight"].index_select(1, channels)  # (3·t_dim, s_dim) for the ranking
     # Per head, the head dimensions with the largest L1 norm over their q, k and v rows.
     per_dim = qkv.abs().sum(1).view(3, heads, t_head).sum(0)  # (heads, t_head)
-    kept = torch.sort(torch.topk(per_dim, s_head, dim=1).indices, dim=1).values
-    attention_index = (torch.arange(heads)[:, None] * t_head + kept).flatten()  # into heads × t_head
+    head_dims = torch.sort(torch.topk(per_dim, s_head, dim=1).indices, dim=1).values
+    attention_index = (torch.arange(heads)[:, None] * t_head + head_dims).flatten()  # into heads × t_head
     qkv_rows = torch.cat([attention_index + part * t_dim for part in range(3)])
     fc1 = state[prefix + "mlp.fc1.weight"].index_select(1, channels)
     hidden = _top(fc1.abs().sum(1), s_hidden)  # the MLP's hidden units with the largest fc1 L1 norm
+    kept = {  # suffix -> the indices kept along dim 0, dim 1 (fewer entries: the other dims whole)
+        "attn.qkv.weight": (qkv_rows, channels),
+        "attn.qkv.bias": (qkv_rows,),
+        "attn.proj.weight": (channels, attention_index),
+        "mlp.fc1.weight": (hidden, channels),
+        "mlp.fc1.bias": (hidden,),
+        "mlp.fc2.weight": (channels, hidden),
+        # per head (the heads are kept) or per window (the window is kept)
+        "attn.relative_position_bias_table": (),
+        "attn.relative_position_index": (),
+        "attn_mask": (),
+    }.get(suffix, (channels,))  # norms, proj.bias, fc2.bias: one value per feature channel
     tensor = state[prefix + suffix]
-    if suffix == "attn.qkv.weight":
-        return qkv.index_select(0, qkv_rows)
-    if suffix == "attn.qkv.bias":
-        return tensor.index_select(0, qkv_rows)
-    if suffix == "attn.proj.weight":
-        return tensor.index_select(0, channels).index_select(1, attention_index)
-    if suffix == "mlp.fc1.weight":
-        return fc1.index_select(0, hidden)
-    if suffix == "mlp.fc1.bias":
-        return tensor.index_select(0, hidden)
-    if suffix == "mlp.fc2.weight":
-        return tensor.index_select(0, channels).index_select(1, hidden)
-    if suffix.startswith("attn.relative_position") or suffix == "attn_mask":
-        return tensor  # per head (the heads are kept) or per window (the window is kept)
-    return tensor.index_select(0, channels)  # norms, proj.bias, fc2.bias: one value per feature channel
+    for dim, index in enumerate(kept):
+        tensor = tensor.index_select(dim, index)
+    return tensor
