@@ -152,13 +152,23 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument(
+        "--tune-wait",
+        type=float,
+        default=300,
+        help="seconds to wait for the measured backend before timing (0 with a fixed upscale_backend)",
+    )
     parser.add_argument("--kill-worker-pid", type=int)
     parser.add_argument("--restart-worker", help="shell command starting a replacement worker")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.key}"}
     with httpx.Client(base_url=args.url, headers=headers, timeout=300) as client:
         model_id = upload_rlfn_s(client)
-        print("upscale:", bench_upscale(client, model_id, args.requests, args.clients), flush=True)
+        print(
+            "upscale:",
+            bench_upscale(client, model_id, args.requests, args.clients, args.tune_wait),
+            flush=True,
+        )
         if args.jobs:
             print("jobs:", bench_jobs(client, model_id, args.jobs, args.kill_worker_pid, args.restart_worker))
     return 0

@@ -130,8 +130,8 @@ class KDLossParts:
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """L_dis = L_Lap(student, teacher) + L_Lap(HF student, HF teacher)."""
-    parts = kd_loss_parts(student, teacher, teacher, alpha=0.0)
-    return parts.lap + parts.lap_hf
+    difference = student - teacher
+    return laplacian_norm(difference) + laplacian_norm(high_frequency(difference))
 
 
 def kd_loss_parts(

@@ -9,9 +9,10 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -54,6 +55,17 @@ def tar_bytes(files: dict[str, bytes], links: dict[str, tuple[str, str]] | None 
             info.linkname = target
             archive.addfile(info)
     return buffer.getvalue()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:

@@ -10,7 +10,6 @@ import io
 import json
 import pickle
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,15 @@ from core.complexity import count_params
 from core.models import create_model
 from store.db import migrate
 from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
-from tests.service_helpers import create_key, parse_sse, png_bytes, tar_bytes, uvicorn_server, zip_bytes
+from tests.service_helpers import (
+    create_key,
+    parse_sse,
+    png_bytes,
+    tar_bytes,
+    uvicorn_server,
+    wait_for,
+    zip_bytes,
+)
 
 pytestmark = pytest.mark.service
 
@@ -386,7 +393,7 @@ def test_upscale_switches_to_the_measured_fastest_backend(stack, alice, rlfn_mod
     assert first.status_code == 200 and first.headers["x-srcompress-backend"] in BACKENDS
 
     decisions_dir = Path(stack[3]["SRCOMPRESS_DATA_DIR"]) / "cache" / "backend"
-    decisions = wait_until(lambda: sorted(decisions_dir.glob("*.json")), 600, "the backend decision")
+    decisions = wait_for(lambda: sorted(decisions_dir.glob("*.json")), 600, "the backend decision")
     assert len(decisions) == 1, decisions  # one model was upscaled, so one decision
     decision = json.loads(decisions[0].read_text())
     trials = [(trial["backend"], round(trial["speedup"], 2)) for trial in decision["trials"]]
@@ -399,17 +406,7 @@ def test_upscale_switches_to_the_measured_fastest_backend(stack, alice, rlfn_mod
         backend = response.headers["x-srcompress-backend"]
         return backend if backend == decision["backend"] else None
 
-    wait_until(served_backend, 30, f"requests served with {decision['backend']}")
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    wait_for(served_backend, 30, f"requests served with {decision['backend']}")
 
 
 # --- jobs ---------------------------------------------------------------------------------------------

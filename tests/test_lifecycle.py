@@ -36,6 +36,7 @@ from tests.service_helpers import (
     png_bytes,
     stop,
     uvicorn_server,
+    wait_for,
     wait_until_healthy,
     zip_bytes,
 )
@@ -247,13 +248,13 @@ LEASE_SECONDS = 4  # short, so that the reaper notices the killed worker within 
 
 
 def wait_for_job(client: httpx.Client, job_id: str, done, timeout: float, what: str) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The job (GET /v1/jobs/{id}) once `done(job)` holds."""
+
+    def finished() -> dict | None:
         job = client.get(f"/v1/jobs/{job_id}").json()
-        if done(job):
-            return job
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last: {job}")
+        return job if done(job) else None
+
+    return wait_for(finished, timeout, what)
 
 
 def job_events(client: httpx.Client, job_id: str) -> list[dict]:

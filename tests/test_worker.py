@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from store.db import init_db, make_engine, session_factory
 from store.settings import Settings
 from store.tables import Artifact, Dataset, Job, JobEvent, Model, utcnow
 from store.testing import moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import wait_for
 from worker.app import create_celery_app, enqueue_job
 from worker.reaper import PURGED_MESSAGE
 from worker.runner import work_prefix
@@ -65,16 +66,6 @@ def redis_unavailable_reason() -> str | None:
     except Exception as error:
         return f"Redis at {REDIS_URL_BASE} unreachable: {error}"
     return None
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 # --- the stack ----------------------------------------------------------------------------------------
