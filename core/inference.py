@@ -12,6 +12,8 @@ memory (the whole image when it fits) and halved on out-of-memory errors.
 
 Backends (all take and return float32 RGB in [0, 1]):
 - 'eager': the model as is, fp32.
+Every backend but 'eager' runs a copy with the sub-pixel tail folded (core.models.fold: EDSR and
+classical SwinIR compute conv_last on the LR side, before the final PixelShuffle; same outputs).
 - 'channels_last': fp32 on a channels-last copy of the model (oneDNN's preferred conv layout on CPU).
 - 'sdpa': fp32 on a copy of a SwinIR model whose window attention runs through torch's fused
   `scaled_dot_product_attention` (same math; the explicit matmul + bias + mask + softmax of the model
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import UserError
+from core.models.fold import with_folded_tail
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ MAX_ORT_SESSIONS = 4  # ONNX Runtime sessions kept per runner (SwinIR graphs are
 QUICK_PROBE_SECONDS = 0.15  # eager time on LR 128x128 under which backends are timed on 256x256
 PSNR_TOLERANCE_DB = 0.05  # a fast backend is accepted when its Y-PSNR is this close to fp32's
 FEATHER_FLOOR = 1e-6  # smallest blending weight; the tile grid keeps every pixel's weight sum >= ~0.25
-DECISION_VERSION = 3  # bump when the decision procedure changes, so stale cached decisions are ignored
+ONNX_GRAPH_VERSION = 2  # bump when the exported inference graph changes (2: folded sub-pixel tail)
+DECISION_VERSION = 4  # bump when the decision procedure changes, so stale cached decisions are ignored
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -194,6 +198,8 @@ class TorchRunner:
             )
         if backend == "fp16" and self.device.type != "cuda":
             raise UserError("fp16 inference needs a CUDA model; on CPU use 'bf16' or 'onnxruntime'")
+        if backend != "eager":
+            model = with_folded_tail(model)  # a copy, or the model itself when there is nothing to fold
         if backend == "channels_last":
             # A copy, so that the caller's model keeps its own memory format.
             model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -235,16 +241,16 @@ class OnnxRuntimeRunner:
     def __init__(self, model: nn.Module, cache_dir: str | Path | None = None):
         from core.onnx_export import supports_dynamic_shapes
 
-        self.model = model
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.fingerprint = model_fingerprint(model)
+        self.fingerprint = model_fingerprint(model)  # of the caller's model: the cache key
+        self.model = with_folded_tail(model)  # what is exported
         self.dynamic = supports_dynamic_shapes(model)
         self.sessions: dict[str, object] = {}
         self._lock = threading.Lock()  # one export per graph when several threads share this runner
 
     def graph_path(self, width: int, height: int) -> Path:
         shape = "dynamic" if self.dynamic else f"{width}x{height}"
-        return self.cache_dir / "onnx" / f"{self.fingerprint}-{shape}.onnx"
+        return self.cache_dir / "onnx" / f"{self.fingerprint}-{shape}-v{ONNX_GRAPH_VERSION}.onnx"
 
     def session_for(self, width: int, height: int):
         from core.onnx_export import export_onnx, ort_session

@@ -206,12 +206,14 @@ def test_onnxruntime_runner_caches_graphs_on_disk(models, tmp_path):
     upscale_array(model, image, backend=runner)
     upscale_array(model, smooth_image(20, 24, seed=3), backend=runner)  # padded to 24x24
     graphs = sorted(p.name for p in (tmp_path / "onnx").glob("*.onnx"))
-    assert graphs == [f"{runner.fingerprint}-24x16.onnx", f"{runner.fingerprint}-24x24.onnx"]  # one per shape
+    assert graphs == [runner.graph_path(24, 16).name, runner.graph_path(24, 24).name]  # one per shape
+    assert graphs[0].startswith(f"{runner.fingerprint}-24x16")
     assert len(runner.sessions) == 2
     edsr_runner = prepare_backend(models["edsr_mini"], "onnxruntime", tmp_path)
     upscale_array(models["edsr_mini"], image, backend=edsr_runner)
     upscale_array(models["edsr_mini"], smooth_image(24, 56), backend=edsr_runner)
-    assert (tmp_path / "onnx" / f"{edsr_runner.fingerprint}-dynamic.onnx").is_file()
+    assert edsr_runner.graph_path(24, 16) == edsr_runner.graph_path(56, 24)  # one graph for every shape
+    assert edsr_runner.graph_path(24, 16).is_file()
     assert len(edsr_runner.sessions) == 1
 
 

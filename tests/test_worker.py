@@ -317,8 +317,11 @@ def test_job_succeeds_with_events_artifacts_and_a_registered_model(workers: Stac
         assert student(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
 
     # Retention 0: the reaper purges the stored checkpoints soon after the end, keeping the artifacts.
-    wait_for(lambda: not stack.blobs.list(work_prefix(job_id)), 30, "the work mirror purged")
-    assert any(event.message == PURGED_MESSAGE for event in stack.events(job_id))
+    # The reaper deletes the mirror first and then records the event, so wait for the event.
+    wait_for(
+        lambda: any(event.message == PURGED_MESSAGE for event in stack.events(job_id)), 30, "the purge event"
+    )
+    assert not stack.blobs.list(work_prefix(job_id))
     assert all(stack.blobs.exists(artifact.blob_key) for artifact in artifacts.values())
 
 
