@@ -76,8 +76,7 @@ def with_folded_tail(model: nn.Module) -> nn.Module:
         return model
     folded = copy.deepcopy(model)
     *head, shuffle = folded.upsample
-    folded.upsample = nn.Sequential(
-        *head, subpixel_conv(folded.conv_last, shuffle.upscale_factor), nn.PixelShuffle(shuffle.upscale_factor)
-    )
+    r = shuffle.upscale_factor
+    folded.upsample = nn.Sequential(*head, subpixel_conv(folded.conv_last, r), nn.PixelShuffle(r))
     folded.conv_last = nn.Identity()
     return folded
