@@ -121,7 +121,7 @@ def test_pyramid_shapes_and_exact_reconstruction() -> None:
     low = x
     for _ in range(4):
         low = F.avg_pool2d(gaussian_blur5(low), 2)
-    torch.testing.assert_close(pyramid[-1], low, atol=0, rtol=0)
+    torch.testing.assert_close(pyramid[-1], low, atol=1e-14, rtol=0)  # blur·pool as one matrix: rounding
 
 
 def test_sizes_not_divisible_by_16_are_rejected() -> None:
