@@ -325,15 +325,20 @@ class TrainImages:
 
         With `extra` (one float HxWx3 array per image at the HR size, e.g. cached teacher outputs) a
         third tensor holds the matching patches of those arrays, values as given (not divided by 255).
+        The tensors are channels-last in memory (the patches' own HWC order, no transposing copy),
+        the layout the training loops run their convolutions in.
         """
         lr, hr, origins = self.sample(iteration)
         if extra is None:
-            return _to_tensor(lr), _to_tensor(hr)
-        extra_patches = torch.from_numpy(
-            np.ascontiguousarray(self.crop_extra(extra, origins).transpose(0, 3, 1, 2))
+            return _to_tensor(lr).div_(255.0), _to_tensor(hr).div_(255.0)
+        return (
+            _to_tensor(lr).div_(255.0),
+            _to_tensor(hr).div_(255.0),
+            _to_tensor(self.crop_extra(extra, origins)),
         )
-        return _to_tensor(lr), _to_tensor(hr), extra_patches.float()
 
 
 def _to_tensor(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float().div_(255.0)
+    """(N, H, W, C) array -> float32 (N, C, H, W) tensor, channels-last in memory (a new tensor)."""
+    tensor = torch.from_numpy(batch).permute(0, 3, 1, 2)
+    return tensor.to(torch.float32, copy=True, memory_format=torch.channels_last)
