@@ -69,8 +69,9 @@ def gaussian_blur5(x: torch.Tensor) -> torch.Tensor:
 
     Computed as two matmuls with the 1-D blur as a matrix (the blur is separable and the padding is
     per axis): the same numbers as a depthwise conv, but a handful of GEMMs instead of dozens of small
-    elementwise passes, forward and backward — the KD loss runs this 19 times per training step, and
-    on a CPU the elementwise form cost about as much as the student's own forward pass.
+    elementwise passes, forward and backward. The KD loss applies 17 such filters per training step
+    (the blur of HF, and a pool and an upsampling per pyramid level, each a matrix product of the
+    blur); in the elementwise form they cost more than the student's own forward pass on a CPU.
     """
     if x.dim() != 4:
         raise ValueError(f"gaussian_blur5 expects an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
