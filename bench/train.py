@@ -1,11 +1,16 @@
 """KD training speed: the naive loop (teacher forward every step) vs the fast loop (teacher output
 computed once per training image, patches cropped from it). One process, side by side.
 
-    .venv/bin/python bench/train.py [--iters 30] [--student 20,1,4]
+    .venv/bin/python bench/train.py [--iters 30] [--student 20,1,4] [--repeats 15]
 
 Teacher: rlfn_s x2 from ../shared/weights; student: an rlfn of about 45K params; training images:
 ../shared/data/train/DIV2K_test_LRx4 (HR ~510 px), batch 16, LR patch 48. Prints iterations per second
 for both loops, the speed-up, and the one-off cost of the teacher cache.
+
+Then the parts of one step, timed in turns (the minimum of --repeats each, so that load from other
+processes does not decide the figures): the teacher's forward on the batch (what the fast loop saves),
+the batch, the student's forward, the KD loss, backward, optimizer step. With these parts the fast
+loop can be at most (teacher + step) / step times the naive one: the student's own step bounds it.
 """
 
 from __future__ import annotations
@@ -13,16 +18,21 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from core.complexity import count_params
 from core.data.datasets import TrainImages, list_images
-from core.distill.stage import DistillConfig, run_distill
+from core.distill.stage import DistillConfig, make_optimizer, run_distill, teacher_outputs
+from core.losses import kd_loss_parts
 from core.models import build_model, load_checkpoint
+from core.training import CHANNELS_LAST, to_device
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+NAIVE_ONLY = "teacher forward (naive loop only)"
 
 
 def main() -> None:
@@ -30,6 +40,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--images", type=int, default=100, help="training images to use")
     parser.add_argument("--student", default="20,1,4", help="nc,nl,nb of the rlfn student")
+    parser.add_argument("--repeats", type=int, default=15, help="turns of the component timings")
     args = parser.parse_args()
 
     teacher, _ = load_checkpoint(SHARED / "weights" / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
@@ -67,6 +78,49 @@ def main() -> None:
     print(
         f"speed-up of the fast loop: {fast / naive:.2f}x "
         f"(break-even after {rows[1][2] / (1 / naive - 1 / fast):.0f} iterations including the cache)"
+    )
+    # A few images suffice for timing the parts (the cache is computed for every image of `data`).
+    step_parts(teacher, student, TrainImages(paths[:8], 2, lr_patch=48, batch_size=16, seed=0), args.repeats)
+
+
+def step_parts(teacher: nn.Module, student: nn.Module, data: TrainImages, repeats: int) -> None:
+    """Minimum time of each part of a KD step, the parts taking turns."""
+    device = torch.device("cpu")
+    teacher = teacher.to(memory_format=CHANNELS_LAST).eval().requires_grad_(False)
+    student = student.to(memory_format=CHANNELS_LAST).train()
+    optimizer = make_optimizer(student, DistillConfig())
+    cache = teacher_outputs(teacher, data, device)
+    best: dict[str, float] = {}
+
+    @contextmanager
+    def timed(name: str):
+        began = time.perf_counter()
+        yield
+        best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
+
+    for iteration in range(1, repeats + 2):
+        if iteration == 2:
+            best.clear()  # the first turn warms up oneDNN's kernels
+        with timed("batch with cached target"):
+            lr, hr, target = [to_device(t, device) for t in data.batch(iteration, cache)]
+        with timed(NAIVE_ONLY), torch.no_grad():
+            teacher(lr)
+        with timed("student forward"):
+            out = student(lr)
+        with timed("KD loss"):
+            loss = kd_loss_parts(out, target, hr).total
+        optimizer.zero_grad(set_to_none=True)
+        with timed("backward (student + loss)"):
+            loss.backward()
+        with timed("optimizer step"):
+            optimizer.step()
+    teacher_seconds = best.pop(NAIVE_ONLY)
+    step = sum(best.values())
+    print(f"\nparts of one step, minimum of {repeats} turns (ms):")
+    for name, seconds in [*best.items(), ("= fast step", step), (NAIVE_ONLY, teacher_seconds)]:
+        print(f"  {name:<36}{1000 * seconds:>8.1f}")
+    print(
+        f"speed-up the fast loop can reach: (teacher + step) / step = {(teacher_seconds + step) / step:.2f}x"
     )
 
 

@@ -68,7 +68,8 @@ MIN_TILE = 32  # out-of-memory retries stop halving here
 CPU_BUDGET_CAP = 1 << 30  # at most 1 GiB of activations per tile on CPU (keeps a 4K upscale < 1.5 GB RSS)
 LIVE_ACTIVATIONS = 4  # feature maps of the widest layer alive at once (input, output, residual, temp)
 MAX_ORT_SESSIONS = 4  # ONNX Runtime sessions kept per runner (SwinIR graphs are per tile shape)
-QUICK_PROBE_SECONDS = 0.15  # eager time on LR 128x128 under which backends are timed on 256x256
+QUICK_PROBE_SECONDS = 0.15  # eager time on LR 128x128 under which backends are timed on …
+QUICK_MODEL_TIMING_SIZE = (640, 360)  # … this LR (width, height)
 PSNR_TOLERANCE_DB = 0.05  # a fast backend is accepted when its Y-PSNR is this close to fp32's
 FEATHER_FLOOR = 1e-6  # smallest blending weight; the tile grid keeps every pixel's weight sum >= ~0.25
 ONNX_GRAPH_VERSION = 2  # bump when the exported inference graph changes (2: folded sub-pixel tail)
@@ -722,14 +723,18 @@ def _eval_images(model: nn.Module, eval_dir: Path) -> list[tuple[str, np.ndarray
 
 
 def default_timing_size(eager: Runner) -> tuple[int, int]:
-    """LR (width, height) for timing the backends: 256x256 when one eager pass on 128x128 is quick
-    (small models, whose ranking shifts with size: per-call overheads weigh more on small inputs, and
-    256 is nearer the tiles and images they serve), else 128x128 to keep the measurement short."""
+    """LR (width, height) for timing the backends: 640x360 when one eager pass on 128x128 is quick,
+    else 128x128 to keep the measurement short.
+
+    Small models' ranking shifts with size: per-call overheads weigh more on small inputs, and cache
+    effects on large ones (edsr_mini x2 here: channels-last and ONNX Runtime tie at 256x256, ONNX
+    Runtime is 1.45x faster at 640x360). 640x360 is the size MACs are stated at (a 720p output) and
+    about the pixel count of the largest auto tile (512x512), so it ranks paths as they serve."""
     probe = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     eager(probe)  # warm-up
     start = time.perf_counter()
     eager(probe)
-    return (256, 256) if time.perf_counter() - start < QUICK_PROBE_SECONDS else (128, 128)
+    return QUICK_MODEL_TIMING_SIZE if time.perf_counter() - start < QUICK_PROBE_SECONDS else (128, 128)
 
 
 def measure_backends(

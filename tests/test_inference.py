@@ -342,7 +342,7 @@ def test_choose_backend_rejects_inaccurate_and_slow_paths(models, tmp_path, tiny
 
 
 def test_timing_size_grows_for_quick_models():
-    assert inference.default_timing_size(lambda lr: lr) == (256, 256)
+    assert inference.default_timing_size(lambda lr: lr) == inference.QUICK_MODEL_TIMING_SIZE == (640, 360)
     assert inference.default_timing_size(lambda lr: time.sleep(0.2)) == (128, 128)
 
 
