@@ -12,8 +12,6 @@ memory (the whole image when it fits) and halved on out-of-memory errors.
 
 Backends (all take and return float32 RGB in [0, 1]):
 - 'eager': the model as is, fp32.
-Every backend but 'eager' runs a copy with the sub-pixel tail folded (core.models.fold: EDSR and
-classical SwinIR compute conv_last on the LR side, before the final PixelShuffle; same outputs).
 - 'channels_last': fp32 on a channels-last copy of the model (oneDNN's preferred conv layout on CPU).
 - 'sdpa': fp32 on a copy of a SwinIR model whose window attention runs through torch's fused
   `scaled_dot_product_attention` (same math; the explicit matmul + bias + mask + softmax of the model
@@ -25,6 +23,8 @@ classical SwinIR compute conv_last on the LR side, before the final PixelShuffle
   intra-op thread per core; the graph is cached on disk per model fingerprint (and per LR tile shape
   for SwinIR, whose graph is size-specific: the first image of a new shape pays an export of several
   seconds; use a fixed `tile` when serving SwinIR through it).
+Every backend but 'eager' runs a copy with the sub-pixel tail folded (core.models.fold: EDSR and
+classical SwinIR compute conv_last on the LR side, before the final PixelShuffle; same outputs).
 `choose_backend` measures which of them is fastest on this machine *and* keeps the Y-PSNR within
 0.05 dB of fp32, once per model and machine (the decision is cached as JSON). `backend=None` means
 'eager'; pass 'auto' (or `prepare_backend(model, "auto")`) to use the measured choice.

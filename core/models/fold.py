@@ -8,9 +8,9 @@ and layout reorders, while the body's convs run near the matmul peak.
 A 3×3 conv after PixelShuffle(r) is itself a 3×3 conv on the LR side (r ≥ 2), with r²·C inputs and
 r²·O outputs, followed by PixelShuffle(r) of only O·r² channels: HR output pixel (r·i + a, r·j + b)
 reads HR rows r·i + a + dy − 1, i.e. LR row i + ⌊(a + dy − 1)/r⌋ (an offset in −1..1) and sub-pixel
-row (a + dy − 1) mod r. The HR zero padding lands exactly on the LR zero padding, so the result is the
-same function (checked to 1e-15 in float64), computed with more multiply-adds (r² times conv_last's:
-most taps of the folded kernel are zero) but no wide HR tensor.
+row (a + dy − 1) mod r. The HR zero padding lands exactly on the LR zero padding, so the result is
+the same function (equal to float64 rounding, tests/test_fold.py), computed with more multiply-adds
+(r² times conv_last's: most taps of the folded kernel are zero) but no wide HR tensor.
 """
 
 from __future__ import annotations
