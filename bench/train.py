@@ -1,7 +1,7 @@
 """KD training speed: the naive loop (teacher forward every step) vs the fast loop (teacher output
 computed once per training image, patches cropped from it). One process, side by side.
 
-    .venv/bin/python bench/train.py [--iters 30] [--student 20,1,4] [--repeats 15]
+    .venv/bin/python bench/train.py [--iters 30] [--student 20,1,4] [--repeats 15] [--compare-iters N]
 
 Teacher: rlfn_s x2 from ../shared/weights; student: an rlfn of about 45K params; training images:
 ../shared/data/train/DIV2K_test_LRx4 (HR ~510 px), batch 16, LR patch 48. Prints iterations per second
@@ -11,6 +11,9 @@ Then the parts of one step, timed in turns (the minimum of --repeats each, so th
 processes does not decide the figures): the teacher's forward on the batch (what the fast loop saves),
 the batch, the student's forward, the KD loss, backward, optimizer step. With these parts the fast
 loop can be at most (teacher + step) / step times the naive one: the student's own step bounds it.
+
+With --compare-iters N, both loops then train the same student for N iterations (same init, seed and
+batches; lr 2e-3) and the final EMA weights are scored on Set5: does the cached target change quality?
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from core.complexity import count_params
 from core.data.datasets import TrainImages, list_images
-from core.distill.stage import DistillConfig, make_optimizer, run_distill, teacher_outputs
+from core.distill.stage import DistillConfig, DistillResult, make_optimizer, run_distill, teacher_outputs
 from core.losses import kd_loss_parts
 from core.models import build_model, load_checkpoint
 from core.training import CHANNELS_LAST, to_device
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="training images to use")
     parser.add_argument("--student", default="20,1,4", help="nc,nl,nb of the rlfn student")
     parser.add_argument("--repeats", type=int, default=15, help="turns of the component timings")
+    parser.add_argument(
+        "--compare-iters", type=int, default=0, help="also train both loops this long and compare Set5"
+    )
     args = parser.parse_args()
 
     teacher, _ = load_checkpoint(SHARED / "weights" / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
@@ -62,14 +68,9 @@ def main() -> None:
         ("naive, again", False),
     )
     for name, cached in runs:
-        torch.manual_seed(0)
-        student = build_model(teacher.config.with_triple(nc, nl, nb))
-        config = DistillConfig(
-            iterations=args.iters, teacher_cache=cached, validate_every=0, checkpoint_every=10**9
-        )
-        with tempfile.TemporaryDirectory() as workdir:
-            _, result = run_distill(student, teacher, data, None, config, Path(workdir), torch.device("cpu"))
+        result = train_student(teacher, (nc, nl, nb), data, cached, args.iters)
         rows.append((name, result.iterations_per_second, result.teacher_cache_seconds))
+    student = build_model(teacher.config.with_triple(nc, nl, nb))
     print(f"student {nc},{nl},{nb}: {count_params(student).total:,} params; teacher rlfn_s 454,620")
     print(f"{'loop':<32}{'it/s':>8}{'cache (s)':>12}")
     for name, rate, cache in rows:
@@ -81,6 +82,36 @@ def main() -> None:
     )
     # A few images suffice for timing the parts (the cache is computed for every image of `data`).
     step_parts(teacher, student, TrainImages(paths[:8], 2, lr_patch=48, batch_size=16, seed=0), args.repeats)
+
+    if args.compare_iters:
+        # Same student init, seed and batches: the loops differ only in where the teacher target
+        # comes from (a per-patch run with zero padding, or a crop of the whole-image output).
+        set5 = SHARED / "data" / "benchmark" / "Set5"
+        print(f"\nquality: {args.compare_iters} iterations at lr 2e-3, Set5 of the final EMA weights")
+        for name, cached in (("naive", False), ("fast", True)):
+            result = train_student(teacher, (nc, nl, nb), data, cached, args.compare_iters, set5, lr=2e-3)
+            final = result.val_curve[-1]
+            print(f"  {name:<8}{final.psnr:9.3f} dB {final.ssim:8.4f}   {result.seconds:7.0f} s in all")
+
+
+def train_student(
+    teacher: nn.Module,
+    triple: tuple[int, int, int],
+    data: TrainImages,
+    cached: bool,
+    iterations: int,
+    val_dir: Path | None = None,
+    lr: float = 1e-4,
+) -> DistillResult:
+    """KD-train a fresh student (seed 0) through `run_distill`; validates only at the end."""
+    torch.manual_seed(0)
+    student = build_model(teacher.config.with_triple(*triple))
+    config = DistillConfig(
+        iterations=iterations, teacher_cache=cached, lr=lr, validate_every=0, checkpoint_every=10**9
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        _, result = run_distill(student, teacher, data, val_dir, config, Path(workdir), torch.device("cpu"))
+    return result
 
 
 def step_parts(teacher: nn.Module, student: nn.Module, data: TrainImages, repeats: int) -> None:
