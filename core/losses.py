@@ -157,26 +157,26 @@ class KDLossParts:
         return {name: float(getattr(self, name).detach()) for name in ("total", "l1", "lap", "lap_hf")}
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """L_dis = L_Lap(student, teacher) + L_Lap(HF student, HF teacher)."""
+def _laplacian_terms(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_Lap(student, teacher), L_Lap(HF student, HF teacher)), both from the one difference image:
+    the pyramid and HF are linear, so HF(student) − HF(teacher) = HF(student − teacher)."""
     # Contiguous (NCHW): a channels-last student output would be copied by every matmul of the pyramid.
     difference = (student - teacher).contiguous()
-    return laplacian_norm(difference) + laplacian_norm(high_frequency(difference))
+    return laplacian_norm(difference), laplacian_norm(high_frequency(difference))
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """L_dis = L_Lap(student, teacher) + L_Lap(HF student, HF teacher)."""
+    lap, lap_hf = _laplacian_terms(student, teacher)
+    return lap + lap_hf
 
 
 def kd_loss_parts(
     student: torch.Tensor, teacher: torch.Tensor, gt: torch.Tensor, alpha: float = 0.1
 ) -> KDLossParts:
-    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging.
-
-    HF is linear too, so HF(student) − HF(teacher) = HF(student − teacher): both Laplacian terms are
-    computed from the one difference image.
-    """
+    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging."""
     l1 = F.l1_loss(student, gt)
-    # Contiguous (NCHW): a channels-last student output would be copied by every matmul of the pyramid.
-    difference = (student - teacher).contiguous()
-    lap = laplacian_norm(difference)
-    lap_hf = laplacian_norm(high_frequency(difference))
+    lap, lap_hf = _laplacian_terms(student, teacher)
     return KDLossParts(total=alpha * l1 + lap + lap_hf, l1=l1, lap=lap, lap_hf=lap_hf)
 
 
