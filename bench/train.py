@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.complexity import count_params
+from core.complexity import count_macs, count_params
 from core.data.datasets import TrainImages, list_images
 from core.distill.stage import DistillConfig, DistillResult, make_optimizer, run_distill, teacher_outputs
 from core.losses import kd_loss_parts
@@ -152,6 +152,17 @@ def step_parts(teacher: nn.Module, student: nn.Module, data: TrainImages, repeat
         print(f"  {name:<36}{1000 * seconds:>8.1f}")
     print(
         f"speed-up the fast loop can reach: (teacher + step) / step = {(teacher_seconds + step) / step:.2f}x"
+    )
+    # Why the bound is what it is: the rate at which each part does its arithmetic. A training step
+    # costs about 3 forwards (backward = 2); the small student's convs run far below the teacher's rate.
+    patch = (lr.shape[-1], lr.shape[-2])
+    teacher_flops = count_macs(teacher, patch).flops * lr.shape[0]
+    student_flops = count_macs(student, patch).flops * lr.shape[0]
+    print(
+        f"arithmetic rate: teacher forward {teacher_flops / teacher_seconds / 1e9:.0f} GFLOP/s "
+        f"({teacher_flops / student_flops:.1f}x the student's MACs); student forward "
+        f"{student_flops / best['student forward'] / 1e9:.0f} GFLOP/s, whole fast step "
+        f"{3 * student_flops / step / 1e9:.0f} GFLOP/s (counting 3 forwards)"
     )
 
 
