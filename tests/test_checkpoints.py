@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -226,13 +227,20 @@ def test_missing_unexpected_and_conflicting_keys(rlfn_file):
 
 def test_files_that_are_not_checkpoints(tmp_path):
     garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(os.urandom(4096))
+    garbage.write_bytes(random.Random(0).randbytes(4096))
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     bad_safetensors = tmp_path / "bad.safetensors"
     bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    for path in (garbage, empty, bad_safetensors):
-        with pytest.raises(CheckpointError, match="cannot read"):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello, these are notes\n")
+    for path, reason in (
+        (garbage, "the safe unpickler refused it"),  # its first byte reads as a pickle opcode
+        (text, "not a file written by torch.save"),
+        (empty, "the file is empty"),
+        (bad_safetensors, "as safetensors"),
+    ):
+        with pytest.raises(CheckpointError, match=f"cannot read {path.name} .*{reason}"):
             read_state_dict(path)
     with pytest.raises(CheckpointError, match="no checkpoint file"):
         load_checkpoint(tmp_path / "absent.pth")

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -98,9 +99,18 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for non-checkpoints; none may escape raw
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        message = str(error).lower()
+        if "unsupported global" in message:  # the pickle names a class or function to call
             reason = "it needs arbitrary code to unpickle (only plain tensors are accepted)"
+        elif "weights only load failed" in message:
+            reason = "the safe unpickler refused it (only torch.save files of plain tensors are accepted)"
+        elif path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif not zipfile.is_zipfile(path):
+            # Outside torch's zip format torch's own message is noise (a byte value, a codec error).
+            reason = "not a file written by torch.save (neither its zip format nor a legacy pickle)"
+        else:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read {path.name} as a PyTorch checkpoint: {reason}") from None
 
 
