@@ -171,8 +171,6 @@ def _pipeline_progress():
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
     from core.pipeline import JobConfig, run_pipeline
 
     fields = {
@@ -199,10 +197,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "device": args.device,
     }
-    try:
-        config = JobConfig(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as error:
-        raise UserError(_describe(error)) from None
+    config = _validated(JobConfig, **{k: v for k, v in fields.items() if v is not None})
     if args.out.exists() and any(args.out.iterdir()) and not args.resume:
         raise UserError(f"{args.out} is not empty; pass --resume to continue the run in it")
     on_progress, bars = _pipeline_progress()
@@ -224,7 +219,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from core.train import TrainConfig, run_training
 
-    config = TrainConfig(
+    config = _validated(
+        TrainConfig,
         model=args.model,
         scale=args.scale,
         train_data=args.train,
@@ -248,8 +244,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"model in {args.out / 'model'}")
 
 
-def _describe(error) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+def _validated(config_class, **fields):
+    """A stage's pydantic config from the command line; a bad value is one line naming the field."""
+    from pydantic import ValidationError
+
+    from core.models.registry import describe_validation_error
+
+    try:
+        return config_class(**fields)
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error)) from None
 
 
 # --- parser -------------------------------------------------------------------------------------------

@@ -161,6 +161,18 @@ def test_bad_numbers_are_rejected_before_work(tmp_path, teacher, tiny_images, ca
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"), [(["--iters", "0"], "iterations"), (["--batch-size", "0"], "batch_size")]
+)
+def test_train_rejects_bad_numbers_in_one_line(tmp_path, tiny_images, capsys, flags, message):
+    argv = ["train", "rlfn_s", "--scale", "2", "--train", str(tiny_images), "--val", str(tiny_images)]
+    argv += ["--iters", "1", "--out", str(tmp_path / "run"), *flags]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("srcompress: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_teacher_and_empty_data_are_rejected(tmp_path, shared_weights, tiny_images, capsys):
     base = dict(prune_iters=1, distill_iters=1)
     wrong_scale = tiny_config(shared_weights / "RLFN_s_x4.pth", tiny_images, **base)
