@@ -107,6 +107,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"MACs          {macs.macs / 1e9:.2f} G at LR {w}x{h} -> {w * args.scale}x{h * args.scale}")
 
 
+def _warn_if_untrained(args: argparse.Namespace) -> None:
+    # A preset without --weights is a randomly initialised network: allowed (smoke tests, timing), but
+    # its pictures and scores are noise, which a user who forgot the flag must be told.
+    if args.weights is None and args.model != "bicubic":
+        print(
+            f"srcompress: note: no --weights given: {args.model} has random weights, its output is noise",
+            file=sys.stderr,
+        )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from core.evaluate import evaluate_model
 
@@ -129,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"  {'mean':<24}{result.psnr:>9.3f} dB{result.ssim:>9.4f}")
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
+    _warn_if_untrained(args)
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
@@ -147,6 +158,7 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     )
     bar.close()
     print(f"wrote {args.output}")
+    _warn_if_untrained(args)
 
 
 def _pipeline_progress():

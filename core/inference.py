@@ -491,6 +491,7 @@ def upscale_array(
     scale = model_scale(model)
     if overlap < 0:
         raise UserError(f"overlap must be >= 0, got {overlap}")
+    requested_tile = _resolve_tile(tile)  # a bad tile fails before the (possibly slow) backend choice
     runner = (
         prepare_backend(model, backend, cache_dir) if backend is None or isinstance(backend, str) else backend
     )
@@ -500,7 +501,7 @@ def upscale_array(
     multiple = padding_multiple(model)
     pad_h, pad_w = (-height) % multiple, (-width) % multiple
     padded = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect") if pad_h or pad_w else rgb
-    size = _resolve_tile(tile) or auto_tile_size(model, *padded.shape[:2])
+    size = requested_tile or auto_tile_size(model, *padded.shape[:2])
     while True:
         tile_overlap = min(overlap, size // 2 // TILE_MULTIPLE * TILE_MULTIPLE)
         try:
