@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SRCOMPRESS_SHARED", REPO.parent / "shared"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """Backend decisions and ONNX graphs of the whole run (and of the processes it starts) go to a
+    temporary folder, not the user's ~/.cache/srcompress."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SRCOMPRESS_CACHE", str(tmp_path_factory.mktemp("srcompress-cache")))
+        yield
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         message = f"needs {path} (the shared data/weights beside the repository)"

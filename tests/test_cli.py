@@ -9,12 +9,6 @@ from PIL import Image
 from core.cli import main as cli
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    """Backend decisions and ONNX graphs go to this test's folder, not the user's ~/.cache."""
-    monkeypatch.setenv("SRCOMPRESS_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def picture(tmp_path):
     path = tmp_path / "in.png"
