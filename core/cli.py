@@ -194,6 +194,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "lambda": args.lambda_,
         "target_params": args.target_params,
         "target_gmacs": args.target_macs,
+        "recipe": args.recipe,
+        "budget_minutes": args.minutes,
+        "student_preset": args.student_preset,
+        "distill_loss": args.loss,
+        "lr_schedule": args.schedule,
+        "precision": args.precision,
+        "holdout_images": args.holdout,
         "alpha": args.alpha,
         "prune_iters": args.prune_iters,
         "distill_iters": args.distill_iters,
@@ -219,10 +226,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
     t, s = report.teacher, report.student
     print(
         f"student {tuple(report.compress.chosen)} (nc, nl, nb): "
-        f"{s.params:,} params ({s.params / t.params:.1%})"
+        f"{s.params:,} params ({s.params / t.params:.1%}); recipe {report.recipe.name}, "
+        f"{report.distill.iterations:,} distillation iterations"
     )
-    for bt, tt, st in zip(report.bicubic, t.scores, s.scores, strict=True):
-        print(f"  {st.dataset:<10} bicubic {bt.psnr:.3f}  teacher {tt.psnr:.3f}  student {st.psnr:.3f} dB")
+    for g in report.gaps:
+        chose = "  (held out from training; chose the checkpoint)" if g.used_for_selection else ""
+        print(
+            f"  {g.dataset:<10} bicubic {g.bicubic:.3f}  teacher {g.teacher:.3f}  student {g.student:.3f} dB"
+            f"  student − teacher {g.student_minus_teacher:+.3f}{chose}"
+        )
     if report.pruning_ineffective:
         print("  note: pruning_ineffective — " + report.compress.note)
     print(f"artifacts in {args.out / 'out'}")
@@ -321,11 +333,27 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--lambda", dest="lambda_", type=float, help="l1 strength (default 1e-4)")
     budget.add_argument("--target-params", type=int, help="student parameter budget")
     budget.add_argument("--target-macs", type=float, help="student MAC budget in G at the default LR size")
+    p.add_argument(
+        "--recipe", choices=["fast", "paper"], help="fast (default: best student per minute) or paper"
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="time budget for pruning, teacher labelling and distillation (instead of iteration counts)",
+    )
+    p.add_argument("--student-preset", help="train this preset as the student (e.g. edsr_mini)")
     p.add_argument("--alpha", type=float, help="weight of L1 to the ground truth (default 0.1)")
     p.add_argument("--prune-iters", type=int)
     p.add_argument("--distill-iters", type=int)
     p.add_argument("--prune-lr", type=float, help="OBProx-SG step size (default 5e-3)")
-    p.add_argument("--distill-lr", type=float, help="student learning rate (default 1e-4)")
+    p.add_argument("--distill-lr", type=float, help="student learning rate (fast 2e-3, paper 1e-4)")
+    p.add_argument(
+        "--loss",
+        help="distillation loss: paper, pixel_hf (fast's), laplacian_flat, l1_gt, l1_teacher or blend",
+    )
+    p.add_argument("--schedule", choices=["cosine", "linear", "step"], help="lr schedule")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")
+    p.add_argument("--holdout", type=int, help="training images held out to choose the checkpoint")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--patch-size", type=int, help="LR patch size (default 48)")
     p.add_argument("--rounding", choices=["paper-compat", "nearest", "floor"])

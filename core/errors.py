@@ -15,3 +15,7 @@ class ImageError(UserError):
 
 class Canceled(Exception):
     """Raised inside a stage when the caller's should_cancel() turned true."""
+
+
+class Diverged(Exception):
+    """A training loss stopped being finite (the lr or the loss weights are too large for the model)."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from core.data.datasets import EvalResult, bicubic_upscale, evaluate
+from core.data.datasets import EvalImage, EvalResult, bicubic_upscale, evaluate
 
 
 def model_upscaler(
@@ -28,15 +28,17 @@ def model_upscaler(
 
 def evaluate_dataset(
     model: nn.Module,
-    dataset_dir: Path,
+    dataset: Path | Sequence[EvalImage],
     scale: int,
     device: torch.device | str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
+    name: str | None = None,
 ) -> EvalResult:
+    """Score a model on a folder or on images in memory (see core.data.datasets.evaluate)."""
     was_training = model.training
     model.eval()
     try:
-        return evaluate(model_upscaler(model, device), dataset_dir, scale, on_progress=on_progress)
+        return evaluate(model_upscaler(model, device), dataset, scale, on_progress=on_progress, name=name)
     finally:
         model.train(was_training)
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.models.fold import with_folded_tail
+from core.training import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -650,15 +651,6 @@ def machine_signature() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 or AMX: the only CPUs on which bf16 matmuls beat fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def candidate_backends(model: nn.Module) -> list[str]:

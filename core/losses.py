@@ -1,9 +1,10 @@
 """Losses of the pruning and distillation stages (method.md §3 and §5).
 
 - Pruning minimises the Charbonnier loss; the ℓ1 term is applied by the optimizer (core.prune).
-- Distillation minimises  alpha·L1(student, gt) + L_Lap(student, teacher) + L_Lap(HF student, HF teacher),
-  where L_Lap is a 5-level Laplacian-pyramid L1 with per-level *means* weighted 2^i (the authors'
-  MultiLapLoss) and HF(x) = x − G(x) is the high-pass residual of the 5×5 binomial blur G.
+- The paper's distillation loss is  alpha·L1(student, gt) + L_Lap(student, teacher) + L_Lap(HF student,
+  HF teacher) (`paper` below), where L_Lap is a 5-level Laplacian-pyramid L1 with per-level *means*
+  weighted 2^i (the authors' MultiLapLoss) and HF(x) = x − G(x) is the high-pass residual of the 5×5
+  binomial blur G. The other DISTILL_LOSSES are the variants bench/recipes.py compares.
 
 Everything works in float32 and float64 on (N, C, H, W) tensors, each channel filtered on its own. The
 blur, pooling and upsampling are separable, so each is a pair of small matmuls (rows, then columns).
@@ -120,14 +121,20 @@ def laplacian_level_means(
     return [level.abs().mean() for level in laplacian_pyramid(x - y, levels)]
 
 
-def laplacian_norm(difference: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
-    """Σ_i 2^i · mean|P_i(difference)|: L_Lap of two images given their difference.
+def laplacian_norm(
+    difference: torch.Tensor,
+    levels: int = LAPLACIAN_LEVELS,
+    level_weights: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """Σ_i 2^i · mean|P_i(difference)|: L_Lap of two images given their difference (other per-level
+    weights, finest first, with `level_weights`).
 
     The pyramid is linear (blur, pool, zero-insertion, differences), so P_i(x) − P_i(y) = P_i(x − y):
     one pyramid of the difference costs half of two pyramids, in the loss of every training step.
     """
     pyramid = laplacian_pyramid(difference, levels)
-    return sum((2.0**i) * level.abs().mean() for i, level in enumerate(pyramid))
+    weights = level_weights or tuple(2.0**i for i in range(levels))
+    return sum(w * level.abs().mean() for w, level in zip(weights, pyramid, strict=True))
 
 
 def laplacian_loss(x: torch.Tensor, y: torch.Tensor, levels: int = LAPLACIAN_LEVELS) -> torch.Tensor:
@@ -144,25 +151,32 @@ def high_frequency(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class KDLossParts:
-    """The distillation loss and its parts (scalar tensors; `total` carries the graph)."""
+class LossParts:
+    """A distillation loss and its parts (scalar tensors; `total` carries the graph)."""
 
     total: torch.Tensor
-    l1: torch.Tensor  # L1(student, gt), before the alpha weight
-    lap: torch.Tensor  # L_Lap(student, teacher)
-    lap_hf: torch.Tensor  # L_Lap(HF student, HF teacher)
+    l1: torch.Tensor  # L1(student, gt), before its weight
+    teacher: torch.Tensor  # the full-band term to the teacher (L_Lap, or L1 of the pixels)
+    teacher_hf: torch.Tensor  # the same on the high-pass residuals HF(student), HF(teacher)
 
     def as_floats(self) -> dict[str, float]:
         """Detached Python floats for logging."""
-        return {name: float(getattr(self, name).detach()) for name in ("total", "l1", "lap", "lap_hf")}
+        return {
+            name: float(getattr(self, name).detach()) for name in ("total", "l1", "teacher", "teacher_hf")
+        }
 
 
-def _laplacian_terms(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _laplacian_terms(
+    student: torch.Tensor, teacher: torch.Tensor, level_weights: tuple[float, ...] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_Lap(student, teacher), L_Lap(HF student, HF teacher)), both from the one difference image:
     the pyramid and HF are linear, so HF(student) − HF(teacher) = HF(student − teacher)."""
     # Contiguous (NCHW): a channels-last student output would be copied by every matmul of the pyramid.
     difference = (student - teacher).contiguous()
-    return laplacian_norm(difference), laplacian_norm(high_frequency(difference))
+    return (
+        laplacian_norm(difference, level_weights=level_weights),
+        laplacian_norm(high_frequency(difference), level_weights=level_weights),
+    )
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -173,11 +187,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 def kd_loss_parts(
     student: torch.Tensor, teacher: torch.Tensor, gt: torch.Tensor, alpha: float = 0.1
-) -> KDLossParts:
-    """alpha·L1(student, gt) + L_dis(student, teacher), with every part kept for logging."""
-    l1 = F.l1_loss(student, gt)
-    lap, lap_hf = _laplacian_terms(student, teacher)
-    return KDLossParts(total=alpha * l1 + lap + lap_hf, l1=l1, lap=lap, lap_hf=lap_hf)
+) -> LossParts:
+    """The paper's loss, alpha·L1(student, gt) + L_dis(student, teacher), with every part kept."""
+    return distill_loss_parts("paper", student, teacher, gt, alpha)
 
 
 def kd_loss(
@@ -185,3 +197,49 @@ def kd_loss(
 ) -> torch.Tensor:
     """The total KD loss L_total (paper eq. 8–9, α = 0.1); see kd_loss_parts for the parts."""
     return kd_loss_parts(student, teacher, gt, alpha).total
+
+
+# The losses a student can be trained with (bench/recipes.py measures them side by side):
+# - paper: alpha·L1(s, gt) + L_Lap(s, t) + L_Lap(HF s, HF t) — eq. 8–9, levels weighted 1…16;
+# - laplacian_flat: the same with every pyramid level weighted 1;
+# - pixel_hf: alpha·L1(s, gt) + L1(s, t) + L1(HF s, HF t) — the `fast` recipe's loss: the teacher's
+#   output as the target, plus its high frequencies, without the 16×-weighted low-pass band (which the
+#   LR input already fixes, yet keeps a constant-size gradient there however small the error);
+# - l1_gt: L1(s, gt), no teacher; l1_teacher: L1(s, t), no ground truth;
+# - blend: 0.5·L1(s, gt) + 0.5·L1(s, t).
+DISTILL_LOSSES = ("paper", "laplacian_flat", "pixel_hf", "l1_gt", "l1_teacher", "blend")
+FLAT_LEVELS = (1.0,) * LAPLACIAN_LEVELS
+
+
+def loss_needs_teacher(name: str) -> bool:
+    return name != "l1_gt"
+
+
+def distill_loss_parts(
+    name: str,
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    gt: torch.Tensor,
+    alpha: float = 0.1,
+) -> LossParts:
+    """The named distillation loss (DISTILL_LOSSES) of a student batch, with its parts."""
+    zero = student.new_zeros(())
+    l1 = F.l1_loss(student, gt)
+    if name == "l1_gt":
+        return LossParts(total=l1, l1=l1, teacher=zero, teacher_hf=zero)
+    if teacher is None:
+        raise ValueError(f"the {name!r} loss needs the teacher's output")
+    if name in ("paper", "laplacian_flat"):
+        weights = FLAT_LEVELS if name == "laplacian_flat" else None
+        lap, lap_hf = _laplacian_terms(student, teacher, weights)
+        return LossParts(total=alpha * l1 + lap + lap_hf, l1=l1, teacher=lap, teacher_hf=lap_hf)
+    difference = student - teacher
+    to_teacher = difference.abs().mean()
+    if name == "l1_teacher":
+        return LossParts(total=to_teacher, l1=l1, teacher=to_teacher, teacher_hf=zero)
+    if name == "blend":
+        return LossParts(total=0.5 * l1 + 0.5 * to_teacher, l1=l1, teacher=to_teacher, teacher_hf=zero)
+    if name == "pixel_hf":
+        hf = high_frequency(difference.contiguous()).abs().mean()
+        return LossParts(total=alpha * l1 + to_teacher + hf, l1=l1, teacher=to_teacher, teacher_hf=hf)
+    raise ValueError(f"unknown distillation loss {name!r}; choose one of {', '.join(DISTILL_LOSSES)}")

@@ -12,8 +12,10 @@ import copy
 import json
 import logging
 import platform
+import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -22,14 +24,31 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from core.compress.stage import CompressConfig, CompressResult, run_compress
-from core.data.datasets import TrainImages, find_pairs
+from core.data.datasets import TrainImages, find_pairs, holdout_split, list_images, load_images
 from core.distill.inherit import inherit_weights
-from core.distill.stage import DistillConfig, DistillResult, run_distill
+from core.distill.recipe import Precision, Recipe, RecipeName, StudentInit, resolve_recipe
+from core.distill.schedule import BudgetPlan, LrSchedule, plan_pruning, validate_every_for
+from core.distill.stage import (
+    DistillConfig,
+    DistillResult,
+    measure_distill_step,
+    run_distill,
+    teacher_outputs,
+)
 from core.errors import UserError
 from core.evaluate import evaluate_dataset
 from core.export import ExportResult, export_model
-from core.models import build_model, load_checkpoint, load_model, parse_config, preset_config, save_model
-from core.prune.stage import PruneConfig, PruneResult, run_prune
+from core.losses import DISTILL_LOSSES, loss_needs_teacher
+from core.models import (
+    PRESETS,
+    build_model,
+    load_checkpoint,
+    load_model,
+    parse_config,
+    preset_config,
+    save_model,
+)
+from core.prune.stage import PruneConfig, PruneResult, measure_prune_step, run_prune
 from core.training import (
     CancelFn,
     ProgressFn,
@@ -41,38 +60,63 @@ from core.training import (
 )
 
 STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")
+MAX_BUDGET_MINUTES = 7 * 24 * 60
 log = logging.getLogger("srcompress.pipeline")
 
 
 class JobParams(BaseModel):
-    """Everything about a job except where its files are. Shared by the CLI, the API and the worker."""
+    """Everything about a job except where its files are. Shared by the CLI, the API and the worker.
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    Knobs left as None take the recipe's value (core.distill.recipe); the report records every
+    resolved value. Give either a time budget or iteration counts, not both.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     model: str = Field(description="teacher preset (family + architecture), e.g. rlfn_s, edsr_baseline")
     scale: Literal[2, 3, 4]
+    recipe: RecipeName = Field("fast", description="fast (best student per minute) or paper (faithful)")
+    budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_BUDGET_MINUTES,
+        description="wall clock for pruning, teacher labelling and distillation (evaluation and export "
+        "follow); turned into iteration counts on the worker and recorded",
+    )
     lambda_: float | None = Field(None, gt=0, alias="lambda", description="ℓ1 strength λ (default 1e-4)")
-    target_params: int | None = Field(None, ge=1, description="size budget: student parameters")
+    target_params: int | None = Field(None, ge=1, le=10**10, description="size budget: student parameters")
     target_gmacs: float | None = Field(
-        None, gt=0, description="size budget: student GMACs at the default LR size"
+        None, gt=0, le=1e6, description="size budget: student GMACs at the default LR size"
     )
-    alpha: float = Field(0.1, ge=0, description="weight of L1(student, ground truth)")
-    prune_iters: int = Field(500, ge=1)
-    distill_iters: int = Field(2000, ge=1)
-    prune_lr: float = Field(5e-3, gt=0, description="OBProx-SG step size")
-    distill_lr: float = Field(1e-4, gt=0, description="AdaMax learning rate of the student")
-    batch_size: int = Field(16, ge=1)
-    patch_size: int = Field(48, ge=16, description="LR patch size (HR = patch × scale); multiple of 8")
-    nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
-    channel_multiple: int | None = Field(None, ge=1)
     student: tuple[int, int, int] | None = Field(None, description="override the compact (nc, nl, nb)")
-    student_init: Literal["scratch", "inherit"] = Field(
-        "scratch", description="scratch (the paper) or inherit the pruned teacher's weights"
+    student_preset: str | None = Field(
+        None, description="train this preset as the student (any family, e.g. edsr_mini), not the rule's"
     )
+    alpha: float | None = Field(None, ge=0, le=1e3, description="weight of L1(student, ground truth)")
+    prune_iters: int | None = Field(None, ge=1, le=10**8)
+    distill_iters: int | None = Field(None, ge=1, le=10**9)
+    prune_lr: float = Field(5e-3, gt=0, description="OBProx-SG step size")
+    distill_lr: float | None = Field(None, gt=0, description="AdaMax learning rate of the student")
+    distill_loss: Literal[DISTILL_LOSSES] | None = None  # type: ignore[valid-type]
+    lr_schedule: LrSchedule | None = None
+    warmup: float | None = Field(None, ge=0, lt=1, description="lr warm-up, fraction of the run")
+    precision: Precision | None = Field(None, description="training precision (auto: bf16 on GPUs)")
+    student_init: StudentInit | None = Field(
+        None, description="scratch (the paper) or inherit the pruned teacher's weights"
+    )
+    holdout_images: int | None = Field(
+        None, ge=0, le=1000, description="training images held out to choose the checkpoint"
+    )
+    batch_size: int = Field(16, ge=1, le=1024)
+    patch_size: int = Field(
+        48, ge=16, le=512, description="LR patch size (HR = patch × scale); multiple of 8"
+    )
+    nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
+    channel_multiple: int | None = Field(None, ge=1, le=1024)
     teacher_cache: bool = True
-    validate_every: int = Field(500, ge=0)
+    validate_every: int | None = Field(None, ge=0, description="default: the recipe's count per run")
     checkpoint_every: int = Field(100, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
 
     @model_validator(mode="after")
@@ -84,7 +128,40 @@ class JobParams(BaseModel):
                 f"patch_size must be a multiple of 8 (HR patches feed a 5-level pyramid), "
                 f"got {self.patch_size}"
             )
+        if self.budget_minutes is not None and (self.prune_iters or self.distill_iters):
+            raise ValueError(
+                "give either budget_minutes or iteration counts (prune_iters, distill_iters), not both"
+            )
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of: {', '.join(PRESETS)}")
+        if self.student_preset is not None:
+            if self.student_preset not in PRESETS:
+                raise ValueError(
+                    f"unknown student_preset {self.student_preset!r}; choose one of: {', '.join(PRESETS)}"
+                )
+            if self.student is not None or self.target_params or self.target_gmacs:
+                raise ValueError(
+                    "student_preset names the student: drop student, target_params and target_gmacs"
+                )
+            if self.student_init == "inherit" and self.cross_family_student:
+                raise ValueError(
+                    f"student_init=inherit needs a student of the teacher's family "
+                    f"({PRESETS[self.model]['family']}), not {PRESETS[self.student_preset]['family']}"
+                )
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d{1,2})?", self.device):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
         return self
+
+    @property
+    def cross_family_student(self) -> bool:
+        """A student preset of another family than the teacher (it cannot inherit its weights)."""
+        return (
+            self.student_preset is not None
+            and PRESETS[self.student_preset]["family"] != PRESETS[self.model]["family"]
+        )
+
+    def resolved_recipe(self) -> Recipe:
+        return resolve_recipe(self, cross_family_student=self.cross_family_student)
 
 
 class JobConfig(JobParams):
@@ -109,8 +186,32 @@ class ModelSummary(BaseModel):
     latency_ms: float | None = None
 
 
+class GapRow(BaseModel):
+    """One validation set: what bicubic, the teacher and the student reach, and the student's gap."""
+
+    dataset: str
+    bicubic: float
+    teacher: float
+    student: float
+    student_minus_teacher: float
+    student_minus_bicubic: float
+    used_for_selection: bool = Field(description="the held-out training images the checkpoint was chosen on")
+
+
+class Holdout(BaseModel):
+    """The training images held out to choose the checkpoint (never a reported set)."""
+
+    seed: int
+    images: list[str]
+    training_images: int
+
+
 class CompressionReport(BaseModel):
     params: JobParams
+    recipe: Recipe = Field(description="every value the job ran with (the recipe with the job's overrides)")
+    budget: BudgetPlan | None = Field(None, description="how budget_minutes became iteration counts")
+    holdout: Holdout
+    gaps: list[GapRow] = Field(description="per validation set, student − teacher in dB")
     teacher_source: str
     teacher: ModelSummary
     student: ModelSummary
@@ -130,11 +231,21 @@ class CompressionReport(BaseModel):
 
 
 class _State:
-    """workdir/state.json: the typed result of each finished stage, and its wall-clock seconds."""
+    """workdir/state.json: the typed result of each finished stage, its wall-clock seconds, and the
+    job's budget plan (made once, so that a resumed run repeats the same schedule)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {"results": {}, "seconds": {}}
+
+    @property
+    def plan(self) -> BudgetPlan | None:
+        return BudgetPlan(**self.data["plan"]) if "plan" in self.data else None
+
+    @plan.setter
+    def plan(self, plan: BudgetPlan) -> None:
+        self.data["plan"] = plan.model_dump()
+        self._write()
 
     def done(self, stage: str) -> bool:
         return stage in self.data["results"]
@@ -147,6 +258,9 @@ class _State:
             result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         )
         self.data["seconds"][stage] = seconds
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
         tmp.replace(self.path)
@@ -219,37 +333,54 @@ def run_pipeline(
     should_cancel: CancelFn = never_cancel,
 ) -> CompressionReport:
     """Run (or resume) a job in `workdir`; artifacts land in `workdir/out/`."""
-    from core.report import crop_comparison_png, psnr_params_png, write_card
+    from core.report import crop_comparison_png, learning_curve_png, psnr_params_png, write_card
 
     workdir = Path(workdir)
     device = resolve_device(config.device)
     teacher, _ = validate_inputs(config)  # before anything is written
+    recipe = config.resolved_recipe()
     out = workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
     teacher = teacher.to(device).eval()
     handler = _attach_log(out)
     state = _State(workdir / "state.json")
     log.info("job %s on %s", config.model_dump_json(by_alias=True), device)
+    log.info("recipe %s", recipe.model_dump_json())
+    budget_seconds = config.budget_minutes * 60 if config.budget_minutes is not None else None
     try:
         seed_everything(config.seed)
-        train = TrainImages.from_folders(
-            config.train_data,
+        # The checkpoint is chosen on images held out from the training set, never on the sets the
+        # job reports (config.val_data), so that the reported figures are not selected on.
+        paths = [p for folder in config.train_data for p in list_images(folder)]
+        train_paths, holdout_paths = holdout_split(paths, recipe.holdout_images, config.seed)
+        train = TrainImages(
+            train_paths,
             config.scale,
             lr_patch=config.patch_size,
             batch_size=config.batch_size,
             seed=config.seed,
         )
-        log.info("training images: %d (%d too small: %s)", len(train), len(train.skipped), train.skipped)
+        holdout = load_images(holdout_paths, config.scale)
+        log.info(
+            "training images: %d (%d too small: %s); held out for selection: %s",
+            len(train), len(train.skipped), train.skipped, [p.name for p in holdout_paths],
+        )  # fmt: skip
 
         # 1 prune
+        prune_config = PruneConfig(
+            iterations=recipe.prune_iters,
+            lr=config.prune_lr,
+            lambda_=config.lambda_ if config.lambda_ is not None else 1e-4,
+            checkpoint_every=config.checkpoint_every,
+        )
+        if budget_seconds is not None and state.plan is None:
+            step = measure_prune_step(teacher, train, prune_config, device)
+            state.plan = plan_pruning(budget_seconds, recipe.prune_share, step)
+            log.info("budget plan (pruning): %s", state.plan.model_dump_json())
+        if state.plan is not None:
+            prune_config = prune_config.model_copy(update={"iterations": state.plan.prune_iters})
         if not state.done("pruning"):
             began = time.perf_counter()
-            prune_config = PruneConfig(
-                iterations=config.prune_iters,
-                lr=config.prune_lr,
-                lambda_=config.lambda_ if config.lambda_ is not None else 1e-4,
-                checkpoint_every=config.checkpoint_every,
-            )
             _, prune = run_prune(teacher, train, prune_config, workdir, device, on_progress, should_cancel)
             state.put("pruning", prune, time.perf_counter() - began)
             log.info("pruned: d = %.6f after %d steps", prune.density, prune.iterations)
@@ -268,6 +399,7 @@ def run_pipeline(
                     target_params=config.target_params,
                     target_gmacs=config.target_gmacs,
                     student=config.student,
+                    student_preset=config.student_preset,
                 ),
             )
             state.put("compressing", compress, time.perf_counter() - began)
@@ -275,58 +407,99 @@ def run_pipeline(
         compress = CompressResult(**state.get("compressing"))
         on_progress("compressing", 1.0, {"student": list(compress.chosen), "params": compress.student.params})
 
-        # 3 distill
+        # 3 distill (teacher labelling, then the budget's iteration count, then training)
         student_dir = workdir / "student"
         if not state.done("distilling"):
             began = time.perf_counter()
             torch.manual_seed(config.seed)  # the student's init depends on the seed only
             student = build_model(parse_config(compress.student_config))
-            if config.student_init == "inherit":
+            if recipe.student_init == "inherit":
                 pruned = copy.deepcopy(teacher)
                 pruned.load_state_dict(load_checkpoint_state(workdir / "prune.pt")["model"])
                 inherited = inherit_weights(student, pruned)
                 log.info("student inherits the pruned teacher's weights: %s", inherited)
             distill_config = DistillConfig(
-                iterations=config.distill_iters,
-                lr=config.distill_lr,
-                alpha=config.alpha,
+                iterations=recipe.distill_iters,
+                loss=recipe.loss,
+                alpha=recipe.alpha,
+                lr=recipe.lr,
+                schedule=recipe.schedule,
+                warmup=recipe.warmup,
+                lr_milestones=recipe.lr_milestones,
+                ema_decay=recipe.ema_decay,
+                ema_horizon=recipe.ema_horizon,
+                precision=recipe.precision,
                 teacher_cache=config.teacher_cache,
-                validate_every=config.validate_every,
                 checkpoint_every=config.checkpoint_every,
+            )
+            targets = None
+            if config.teacher_cache and loss_needs_teacher(recipe.loss):
+                on_progress("distilling", 0.0, {"phase": "teacher labelling"})
+                targets = teacher_outputs(teacher, train, device)
+            validations = recipe.validations if holdout else 0
+            plan = state.plan
+            if plan is not None and plan.distill_iters == 0:
+                state.plan = plan = plan.plan_distill(
+                    spent_seconds=sum(state.data["seconds"].values()) + time.perf_counter() - began,
+                    step_seconds=measure_distill_step(
+                        student, teacher, train, targets, distill_config, device
+                    ),
+                    validation_seconds=(
+                        _seconds(lambda: evaluate_dataset(student, holdout, config.scale, device))
+                        if holdout
+                        else 0.0
+                    ),
+                    validations=validations,
+                )
+                log.info("budget plan (distillation): %s", plan.model_dump_json())
+            iterations = plan.distill_iters if plan is not None else recipe.distill_iters
+            validate_every = (
+                config.validate_every
+                if config.validate_every is not None
+                else validate_every_for(iterations, validations)
+            )
+            distill_config = distill_config.model_copy(
+                update={"iterations": iterations, "validate_every": validate_every}
             )
             student, distill = run_distill(
                 student,
                 teacher,
                 train,
-                config.val_data[0],
+                holdout or None,
                 distill_config,
                 workdir,
                 device,
                 on_progress,
                 should_cancel,
+                targets=targets,
+                val_name="holdout",
             )
             save_model(student, student_dir)
             state.put("distilling", distill, time.perf_counter() - began)
         distill = DistillResult(**state.get("distilling"))
         student = load_model(student_dir).to(device).eval()
 
-        # 4 evaluate
+        # 4 evaluate: the held-out images, then every validation set the job names (reported only)
         if not state.done("evaluating"):
             began = time.perf_counter()
-            scores: dict[str, list[dict]] = {"teacher": [], "student": [], "bicubic": []}
+            scores: dict[str, list[dict]] = {"teacher": [], "student": [], "bicubic": [], "holdout": []}
             from core.evaluate import evaluate_model
 
-            for i, folder in enumerate(config.val_data):
-                for name, model in (("teacher", teacher), ("student", student)):
-                    result = evaluate_dataset(model, folder, config.scale, device=device)
-                    scores[name].append(
-                        DatasetScore(dataset=result.dataset, psnr=result.psnr, ssim=result.ssim).model_dump()
-                    )
-                bicubic = evaluate_model("bicubic", config.scale, None, folder)
-                scores["bicubic"].append(
-                    DatasetScore(dataset=bicubic.dataset, psnr=bicubic.psnr, ssim=bicubic.ssim).model_dump()
-                )
-                on_progress("evaluating", (i + 1) / len(config.val_data), {"dataset": bicubic.dataset})
+            sets: list[tuple[str, Path | list]] = [("holdout", holdout)] if holdout else []
+            sets += [(Path(folder).name, Path(folder)) for folder in config.val_data]
+            for i, (name, data) in enumerate(sets):
+                row = {}
+                for label, model in (("teacher", teacher), ("student", student)):
+                    result = evaluate_dataset(model, data, config.scale, device=device, name=name)
+                    row[label] = DatasetScore(dataset=name, psnr=result.psnr, ssim=result.ssim).model_dump()
+                bicubic = evaluate_model("bicubic", config.scale, None, data)
+                row["bicubic"] = DatasetScore(dataset=name, psnr=bicubic.psnr, ssim=bicubic.ssim).model_dump()
+                if name == "holdout" and i == 0:
+                    scores["holdout"].append(row)
+                else:
+                    for label, score in row.items():
+                        scores[label].append(score)
+                on_progress("evaluating", (i + 1) / len(sets), {"dataset": name})
             lr_size = (320, 180)
             scores["latency_ms"] = {
                 "teacher": measure_latency(teacher, device, lr_size),
@@ -345,8 +518,21 @@ def run_pipeline(
             state.put("exporting", export, time.perf_counter() - began)
         export = ExportResult(**state.get("exporting"))
 
+        gaps = [
+            _gap_row(row["bicubic"], row["teacher"], row["student"], selection=True)
+            for row in scores["holdout"]
+        ] + [
+            _gap_row(b, t, st, selection=False)
+            for b, t, st in zip(scores["bicubic"], scores["teacher"], scores["student"], strict=True)
+        ]
         report = CompressionReport(
             params=JobParams(**config.model_dump(include=set(JobParams.model_fields))),
+            recipe=recipe,
+            budget=state.plan,
+            holdout=Holdout(
+                seed=config.seed, images=[p.name for p in holdout_paths], training_images=len(train)
+            ),
+            gaps=gaps,
             teacher_source=str(config.teacher_weights),
             teacher=ModelSummary(
                 config=teacher.config.model_dump(),
@@ -372,6 +558,7 @@ def run_pipeline(
             artifacts=[],
         )
         psnr_params_png(report, out / "psnr_vs_params.png")
+        learning_curve_png(report, out / "learning_curve.png")
         crop_comparison_png(teacher.cpu(), student.cpu(), config.val_data[0], config.scale, out / "crops.png")
         write_card(report, out / "MODEL_CARD.md")
         report.artifacts = sorted(p.name for p in out.iterdir()) + ["report.json"]
@@ -382,3 +569,21 @@ def run_pipeline(
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _seconds(work: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    work()
+    return time.perf_counter() - began
+
+
+def _gap_row(bicubic: dict, teacher: dict, student: dict, selection: bool) -> GapRow:
+    return GapRow(
+        dataset=student["dataset"],
+        bicubic=bicubic["psnr"],
+        teacher=teacher["psnr"],
+        student=student["psnr"],
+        student_minus_teacher=student["psnr"] - teacher["psnr"],
+        student_minus_bicubic=student["psnr"] - bicubic["psnr"],
+        used_for_selection=selection,
+    )

@@ -65,6 +65,31 @@ def psnr_params_png(report: CompressionReport, path: Path) -> None:
     plt.close(fig)
 
 
+def learning_curve_png(report: CompressionReport, path: Path) -> None:
+    """Validation PSNR (the held-out training images) against the distillation stage's minutes."""
+    curve = report.distill.val_curve
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if curve:
+        ax.plot([p.seconds / 60 for p in curve], [p.psnr for p in curve], marker="o", color="tab:red",
+                label="student (EMA)")  # fmt: skip
+    holdout = next((g for g in report.gaps if g.used_for_selection), None)
+    if holdout is not None:
+        ax.axhline(holdout.teacher, color="tab:blue", linestyle="--", linewidth=1, label="teacher")
+        ax.axhline(holdout.bicubic, color="0.6", linestyle="--", linewidth=1, label="bicubic")
+    ax.set_xlabel("distillation wall clock (minutes, teacher labelling included)")
+    ax.set_ylabel(f"PSNR-Y (dB), held-out training images ×{report.params.scale}")
+    ax.set_title(
+        f"Learning curve — recipe {report.recipe.name}, {report.distill.iterations:,} iterations", fontsize=9
+    )
+    if not curve:
+        ax.text(0.5, 0.5, "no held-out images: nothing was validated", ha="center", transform=ax.transAxes)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return np.clip(image[top : top + size, left : left + size], 0, 1)
 
@@ -107,10 +132,11 @@ def write_card(report: CompressionReport, path: Path) -> None:
     """A model card: what it is, how it was made, its figures, and the licences that bind it."""
     t, s = report.teacher, report.student
     rows = "\n".join(
-        f"| {st.dataset} | {bt.psnr:.3f} / {bt.ssim:.4f} | {tt.psnr:.3f} / {tt.ssim:.4f} "
-        f"| {st.psnr:.3f} / {st.ssim:.4f} |"
-        for bt, tt, st in zip(report.bicubic, t.scores, s.scores, strict=True)
+        f"| {g.dataset}{' (chose the checkpoint)' if g.used_for_selection else ''} | {g.bicubic:.3f} "
+        f"| {g.teacher:.3f} | {g.student:.3f} | {g.student_minus_teacher:+.3f} |"
+        for g in report.gaps
     )
+    r = report.recipe
     p = report.params
     lam = p.lambda_ if p.lambda_ is not None else 1e-4
     budget = (
@@ -136,17 +162,22 @@ A compact super-resolution model made by srcompress from the teacher `{p.model}`
 
 ## Quality (PSNR-Y dB / SSIM-Y; crop = scale, SR rounded to uint8)
 
-| set | bicubic | teacher | student |
-|---|---|---|---|
+| set | bicubic | teacher | student | student − teacher |
+|---|---|---|---|---|
 {rows}
+
+The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from the training set
+(seed {report.holdout.seed}); the other sets are reported only.
 
 ## How it was made
 
 - prune: λ = {lam:g}, {report.prune.iterations} OBProx-SG steps, density d = {report.prune.density:.4f}
   (final phase: {report.prune.final_phase})
 - compress: {report.compress.note}
-- distill: {report.distill.iterations} iterations, α = {p.alpha}, AdaMax, EMA weights
-  (best validation PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
+- distill: recipe `{r.name}` — {report.distill.iterations:,} iterations, loss `{r.loss}` (α = {r.alpha}),
+  AdaMax lr {r.lr:g} ({r.schedule}, warm-up {r.warmup:.0%}), student init `{r.student_init}`,
+  {report.distill.precision}, EMA {report.distill.ema_decay:.4f}
+  (best held-out PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
 - seed {p.seed}; versions {report.versions}
 
 ## Licences
@@ -160,6 +191,6 @@ A compact super-resolution model made by srcompress from the teacher `{p.model}`
 `model.safetensors` + `config.json` (load with `core.models.load_model`), `model.onnx` (max abs
 difference to PyTorch {report.export.onnx_max_abs_diff:.2e};
 dynamic shapes: {report.export.onnx_dynamic_shapes}),
-`report.json`, `psnr_vs_params.png`, `crops.png`, `pipeline.log`.
+`report.json`, `psnr_vs_params.png`, `learning_curve.png`, `crops.png`, `pipeline.log`.
 """
     path.write_text(text)

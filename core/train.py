@@ -56,7 +56,7 @@ def run_training(
     )
     loop = DistillConfig(
         iterations=config.iterations,
-        loss="l1",
+        loss="l1_gt",
         lr=config.lr,
         optimizer="adam_code_compat",
         validate_every=config.validate_every,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import os
 import random
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +122,77 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device).contiguous(memory_format=CHANNELS_LAST)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: the only CPUs on which bf16 matmuls beat fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class TrainingPrecision:
+    """What a training loop's forward passes run in: autocast to `dtype`, or fp32 when None."""
+
+    name: str  # fp32, bf16 or fp16
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def needs_grad_scaler(self) -> bool:  # fp16 gradients underflow without loss scaling
+        return self.dtype == torch.float16
+
+
+FP32 = "fp32"
+
+
+def resolve_precision(
+    requested: str, device: torch.device, cpu_bf16: bool | None = None, cuda_bf16: bool | None = None
+) -> TrainingPrecision:
+    """The precision a loop trains in on `device`: `auto` is bf16 (else fp16) autocast on CUDA and fp32
+    on a CPU; bf16 on a CPU without native bf16, and fp16 on any CPU, fall back to fp32 (emulated,
+    they are slower than fp32 there). The losses and the optimizer always run in fp32."""
+    if device.type == "cuda":
+        cuda_bf16 = torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16
+        if requested == "auto":
+            requested = "bf16" if cuda_bf16 else "fp16"
+        if requested == "bf16" and not cuda_bf16:
+            return TrainingPrecision(FP32, None, "bf16 requested, but this GPU has no bf16")
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        return TrainingPrecision(requested, dtypes.get(requested), f"autocast on {device}")
+    cpu_bf16 = cpu_has_fast_bf16() if cpu_bf16 is None else cpu_bf16
+    if requested == "bf16":
+        if cpu_bf16:
+            return TrainingPrecision("bf16", torch.bfloat16, "autocast; the CPU has native bf16")
+        return TrainingPrecision(
+            FP32, None, "bf16 requested, but the CPU lacks native bf16 (AVX512-BF16/AMX)"
+        )
+    if requested == "fp16":
+        return TrainingPrecision(FP32, None, "fp16 requested, but fp16 training needs a GPU")
+    return TrainingPrecision(FP32, None, "fp32 on a CPU" if requested == "auto" else "as requested")
+
+
 def check_cancel(should_cancel: CancelFn) -> None:
     if should_cancel():
         raise Canceled("canceled by request")
+
+
+# Batches drawn to measure step times: far past any run's iterations, so measuring draws nothing a run uses.
+MEASURE_ITERATION = 10**12
+
+
+def seconds_per_step(step: Callable[[int], None], steps: int = 3) -> float:
+    """Median wall time of `step(k)` over `steps` calls after one warm-up call. The torch RNG is
+    restored afterwards, so measuring changes nothing that the run itself draws (resume stays exact)."""
+    times = []
+    with torch.random.fork_rng():
+        for k in range(steps + 1):
+            began = time.perf_counter()
+            step(MEASURE_ITERATION + k)
+            if k:
+                times.append(time.perf_counter() - began)
+    return statistics.median(times)
 
 
 @dataclass

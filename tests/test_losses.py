@@ -67,10 +67,10 @@ def test_kd_parts_add_up_and_alpha_weights_l1_only() -> None:
     gt = 0.5 + 0.25 * torch.cos(0.05 * torch.arange(x.numel(), dtype=torch.float64)).reshape(x.shape)
     parts = kd_loss_parts(x, y, gt, alpha=0.3)
     assert float(parts.l1) == pytest.approx(float((x - gt).abs().mean()), abs=1e-12)
-    assert float(parts.lap) == pytest.approx(REF_LAP, abs=1e-9)
-    assert float(parts.lap_hf) == pytest.approx(REF_LAP_HF, abs=1e-9)
+    assert float(parts.teacher) == pytest.approx(REF_LAP, abs=1e-9)
+    assert float(parts.teacher_hf) == pytest.approx(REF_LAP_HF, abs=1e-9)
     assert float(parts.total) == pytest.approx(0.3 * float(parts.l1) + REF_DIS, abs=1e-9)
-    assert set(parts.as_floats()) == {"total", "l1", "lap", "lap_hf"}
+    assert set(parts.as_floats()) == {"total", "l1", "teacher", "teacher_hf"}
 
 
 def test_float32_matches_float64_references() -> None:
@@ -177,5 +177,5 @@ def test_one_pyramid_of_the_difference_equals_two_pyramids() -> None:
         )
     )
     parts = kd_loss_parts(x, y, y)
-    assert float(parts.lap) == pytest.approx(float(two_pyramids), abs=1e-12)
-    assert float(parts.lap_hf) == pytest.approx(float(hf_pyramids), abs=1e-12)
+    assert float(parts.teacher) == pytest.approx(float(two_pyramids), abs=1e-12)
+    assert float(parts.teacher_hf) == pytest.approx(float(hf_pyramids), abs=1e-12)

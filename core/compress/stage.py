@@ -22,7 +22,7 @@ from core.compress.rule import (
     is_ineffective,
 )
 from core.errors import UserError
-from core.models import ModelConfig, build_model
+from core.models import ModelConfig, build_model, preset_config
 
 
 class CompressConfig(BaseModel):
@@ -35,6 +35,7 @@ class CompressConfig(BaseModel):
     target_params: int | None = Field(None, ge=1, description="parameter budget for the student")
     target_gmacs: float | None = Field(None, gt=0, description="MAC budget (G) at the default LR size")
     student: tuple[int, int, int] | None = Field(None, description="override: (nc, nl, nb) used as is")
+    student_preset: str | None = Field(None, description="override: this preset (any family) is the student")
 
 
 class Complexity(BaseModel):
@@ -93,13 +94,17 @@ def run_compress(teacher_config: ModelConfig, density: float, config: CompressCo
         limit = config.target_params if config.target_params is not None else config.target_gmacs
         budget = fit_to_budget(teacher_triple, policy, cost, float(limit))
 
-    if config.student is not None:
+    if config.student_preset is not None:
+        student_config = preset_config(config.student_preset, teacher_config.scale)
+        chosen, how = Triple(*student_config.triple), f"the preset {config.student_preset}"
+    elif config.student is not None:
         chosen, how = Triple(*config.student), "the user's override"
     elif budget is not None:
         chosen, how = budget.triple, f"the size budget (d = {budget.d:.6f})"
     else:
         chosen, how = rule.triple, f"the pruned density (d = {density:.6f})"
-    student_config = teacher_config.with_triple(*chosen)
+    if config.student_preset is None:
+        student_config = teacher_config.with_triple(*chosen)
     ineffective = is_ineffective(density, teacher_triple, rule.triple)
     note = f"student {tuple(chosen)} (nc, nl, nb) from {how}."
     if ineffective:

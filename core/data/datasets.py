@@ -143,32 +143,56 @@ def score_image(sr: np.ndarray, hr: np.ndarray, scale: int) -> tuple[float, floa
 
 def evaluate(
     upscale_fn: UpscaleFn,
-    dataset_dir: str | Path,
+    dataset: str | Path | Sequence[EvalImage],
     scale: int,
     on_progress: ProgressFn | None = None,
+    name: str | None = None,
 ) -> EvalResult:
-    """Run `upscale_fn` on every LR image of a set and score it against the HR (method.md §6)."""
+    """Run `upscale_fn` on every LR image of a set and score it against the HR (method.md §6).
+
+    `dataset` is a folder (`find_pairs`), or images already in memory (e.g. the validation images
+    held out from a training set, scored at every validation of a run) named by `name`.
+    """
     scale = _check_scale(scale)
-    pairs = find_pairs(dataset_dir, scale)
+    if isinstance(dataset, (str, Path)):
+        pairs = find_pairs(dataset, scale)
+        images: Iterator[EvalImage] | Sequence[EvalImage] = (load_pair(pair, scale) for pair in pairs)
+        count, name = len(pairs), name or Path(dataset).name
+    else:
+        images, count, name = dataset, len(dataset), name or "images"
     scores = []
-    for done, pair in enumerate(pairs, start=1):
-        image = load_pair(pair, scale)
+    for done, image in enumerate(images, start=1):
         sr = np.asarray(upscale_fn(image.lr))
         expected = (image.lr.shape[0] * scale, image.lr.shape[1] * scale, 3)
         if sr.shape != expected:
-            raise ValueError(f"upscale_fn returned {sr.shape} for {pair.name}, expected {expected}")
+            raise ValueError(f"upscale_fn returned {sr.shape} for {image.name}, expected {expected}")
         psnr, ssim = score_image(sr, image.hr, scale)
-        scores.append(ImageScore(pair.name, psnr, ssim, image.lr_source))
+        scores.append(ImageScore(image.name, psnr, ssim, image.lr_source))
         if on_progress is not None:
-            on_progress(done, len(pairs))
-    root = Path(dataset_dir)
+            on_progress(done, count)
     return EvalResult(
-        dataset=root.name,
+        dataset=name,
         scale=scale,
         crop_border=scale,
         psnr=float(np.mean([s.psnr for s in scores])),
         ssim=float(np.mean([s.ssim for s in scores])),
         images=scores,
+    )
+
+
+def load_images(paths: Sequence[Path], scale: int) -> list[EvalImage]:
+    """Plain HR image files as an in-memory evaluation set (LR made by imresize)."""
+    return [load_pair(ImagePair(path.stem, path, None), scale) for path in paths]
+
+
+def holdout_split(paths: Sequence[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """(training, held out): `count` images drawn with `seed`, never more than a tenth of the set
+    (at least one when the set has two or more; none from a single image). Both keep their order."""
+    count = min(count, max(1, len(paths) // 10)) if len(paths) > 1 else 0
+    chosen = set(np.random.default_rng([seed, 7]).choice(len(paths), size=count, replace=False).tolist())
+    return (
+        [p for i, p in enumerate(paths) if i not in chosen],
+        [p for i, p in enumerate(paths) if i in chosen],
     )
 
 

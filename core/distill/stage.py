@@ -1,30 +1,38 @@
-"""Stage 3 — train the compact student: α·L1(student, GT) + Laplacian losses to the frozen teacher.
+"""Stage 3 — train the compact student against the frozen teacher, with a loss of core.losses.
 
-The same loop trains a model without a teacher (`loss = "l1"`): `srcompress train`, and the no-KD
-baseline of bench/quality.py.
+The same loop trains a model without a teacher (`loss = "l1_gt"`): `srcompress train`, and the
+GT-only baselines of the benchmarks.
 
 Fast KD: the teacher is frozen, so its output for a training image never changes. With
-`teacher_cache` its output is computed once per training image (tiled, whole image) and each patch's
-target is cropped from it with the same flips as the patch, instead of running the teacher at every
-step. The targets differ from per-patch teacher runs only within the teacher's receptive field of the
-patch border (the cached output saw the real neighbours, a per-patch run sees zero padding).
+`teacher_cache` its output is computed once per training image (tiled, whole image; "teacher
+labelling") and each patch's target is cropped from it with the same flips as the patch, instead of
+running the teacher at every step. The targets differ from per-patch teacher runs only within the
+teacher's receptive field of the patch border (the cached output saw the real neighbours, a per-patch
+run sees zero padding).
+
+Every schedule is a fraction of `iterations` (core.distill.schedule), so a run of any length ends with
+a finished schedule. A loss that stops being finite ends the stage with `Diverged`.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from core.data.datasets import TrainImages
+from core.data.datasets import EvalImage, TrainImages
+from core.distill.schedule import LrSchedule, ema_decay_for, lr_factor
+from core.errors import Diverged
 from core.evaluate import evaluate_dataset
 from core.inference import upscale_array
-from core.losses import kd_loss_parts
+from core.losses import DISTILL_LOSSES, LossParts, distill_loss_parts, loss_needs_teacher
 from core.training import (
     CHANNELS_LAST,
     EMA,
@@ -35,8 +43,10 @@ from core.training import (
     load_checkpoint_state,
     never_cancel,
     no_progress,
+    resolve_precision,
     rng_state,
     save_checkpoint,
+    seconds_per_step,
     set_rng_state,
     to_device,
 )
@@ -44,36 +54,50 @@ from core.training import (
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
 DEFAULT_MILESTONES = {"edsr": [0.25], "swinir": [0.3125, 0.5, 0.5625], "rlfn": [0.25, 0.5, 0.75]}
 
+ValidationData = Path | Sequence[EvalImage]
+
 
 class DistillConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     iterations: int = Field(2000, ge=1)
-    loss: Literal["kd", "l1"] = Field("kd", description="kd: the paper's loss; l1: plain L1 to GT")
-    alpha: float = Field(0.1, ge=0, description="weight of L1(student, GT) in the KD loss")
+    loss: str = Field("paper", description="one of core.losses.DISTILL_LOSSES")
+    alpha: float = Field(0.1, ge=0, description="weight of L1(student, GT) in the paper / pixel_hf losses")
     lr: float = Field(1e-4, gt=0)
     optimizer: Literal["adamax", "adam_code_compat"] = "adamax"
+    schedule: LrSchedule = "step"
+    warmup: float = Field(0.0, ge=0, lt=1, description="lr warm-up, fraction of the run")
     lr_milestones: list[float] | None = Field(None, description="fractions of the run; None = family default")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_horizon: float | None = Field(None, gt=0, le=1, description="EMA spans at most this fraction")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     teacher_cache: bool = Field(True, description="crop teacher targets from a once-computed output")
     validate_every: int = Field(500, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     max_seconds: float | None = Field(None, gt=0, description="stop early after this wall-clock budget")
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str) -> str:
+        if loss not in DISTILL_LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
+        return loss
+
 
 class ValPoint(BaseModel):
     iteration: int
     psnr: float
     ssim: float
+    seconds: float = Field(0.0, description="the stage's wall clock at this validation")
 
 
 class LossPoint(BaseModel):
     iteration: int
     total: float
     l1: float
-    lap: float = 0.0
-    lap_hf: float = 0.0
+    teacher: float = 0.0
+    teacher_hf: float = 0.0
 
 
 class DistillResult(BaseModel):
@@ -88,6 +112,11 @@ class DistillResult(BaseModel):
     teacher_cache_seconds: float
     iterations_per_second: float
     lr_milestones: list[int]
+    loss: str = "paper"
+    schedule: str = "step"
+    ema_decay: float = 0.999
+    precision: str = "fp32"
+    precision_reason: str = ""
 
 
 def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
@@ -102,28 +131,98 @@ def teacher_outputs(teacher: nn.Module, data: TrainImages, device: torch.device)
     return [upscale_array(teacher, lr.astype(np.float32) / 255.0) for lr in data.lr_images]
 
 
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    data: TrainImages,
+    iteration: int,
+    targets: list[np.ndarray] | None,
+    config: DistillConfig,
+    device: torch.device,
+) -> LossParts:
+    """One optimizer step on batch `iteration` (the forward passes autocast when the precision says so;
+    the loss and the update in fp32). Teacher targets come from `targets` when given, else from
+    running the teacher on the batch."""
+    precision = resolve_precision(config.precision, device)
+    if targets is not None:
+        lr_batch, hr_batch, teacher_batch = data.batch(iteration, extra=targets)
+        teacher_out = to_device(teacher_batch, device)
+    else:
+        lr_batch, hr_batch = data.batch(iteration)
+        teacher_out = None
+    lr_batch, hr_batch = to_device(lr_batch, device), to_device(hr_batch, device)
+    with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
+        out = student(lr_batch)
+        if teacher_out is None and loss_needs_teacher(config.loss):
+            with torch.no_grad():
+                teacher_out = teacher(lr_batch)
+    teacher_out = None if teacher_out is None else teacher_out.float()
+    parts = distill_loss_parts(config.loss, out.float(), teacher_out, hr_batch, alpha=config.alpha)
+    if torch.isfinite(parts.total):  # a non-finite loss is the caller's to report, not to apply
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return parts
+
+
+def measure_distill_step(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    data: TrainImages,
+    targets: list[np.ndarray] | None,
+    config: DistillConfig,
+    device: torch.device,
+) -> float:
+    """Seconds per distillation step on this machine, on throwaway copies of the student and optimizer."""
+    student = copy.deepcopy(student).to(device, memory_format=CHANNELS_LAST).train()
+    optimizer = make_optimizer(student, config)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=resolve_precision(config.precision, device).needs_grad_scaler
+    )
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=CHANNELS_LAST).eval().requires_grad_(False)
+    return seconds_per_step(
+        lambda k: train_step(student, teacher, optimizer, scaler, data, k, targets, config, device)
+    )
+
+
 def run_distill(
     student: nn.Module,
     teacher: nn.Module | None,
     data: TrainImages,
-    val_dir: Path | None,
+    val: ValidationData | None,
     config: DistillConfig,
     workdir: Path,
     device: torch.device,
     on_progress: ProgressFn = no_progress,
     should_cancel: CancelFn = never_cancel,
     stage: str = "distilling",
+    targets: list[np.ndarray] | None = None,
+    val_name: str | None = None,
 ) -> tuple[nn.Module, DistillResult]:
-    """Train `student`; returns the best EMA weights (by validation PSNR). Resumes from workdir/distill.pt."""
-    if config.loss == "kd" and teacher is None:
-        raise ValueError("the kd loss needs a teacher")
+    """Train `student`; returns the best EMA weights by PSNR on `val` (a folder or images in memory;
+    None: the last EMA weights). `targets` are the teacher's outputs for `data` when the caller has
+    already labelled it (see `teacher_outputs`). Resumes from workdir/<stage>.pt."""
+    uses_teacher = loss_needs_teacher(config.loss)
+    if uses_teacher and teacher is None:
+        raise ValueError(f"the {config.loss!r} loss needs a teacher")
     family = student.config.family
     fractions = config.lr_milestones if config.lr_milestones is not None else DEFAULT_MILESTONES[family]
     milestones = sorted({max(1, round(f * config.iterations)) for f in fractions})
+    precision = resolve_precision(config.precision, device)
     student = student.to(device, memory_format=CHANNELS_LAST).train()
-    ema = EMA(student, config.ema_decay)
+    ema_decay = ema_decay_for(config.iterations, config.ema_decay, config.ema_horizon)
+    ema = EMA(student, ema_decay)
     optimizer = make_optimizer(student, config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        # LambdaLR asks for step k's factor before step k + 1 (k = 0 at construction).
+        lambda k: lr_factor(k + 1, config.iterations, config.schedule, config.warmup, tuple(milestones)),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     if teacher is not None:
         teacher = teacher.to(device, memory_format=CHANNELS_LAST).eval().requires_grad_(False)
 
@@ -138,6 +237,8 @@ def run_distill(
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start, elapsed, cache_seconds = state["iteration"], state["seconds"], state["cache_seconds"]
         val_curve = [ValPoint(**p) for p in state["val_curve"]]
@@ -147,43 +248,35 @@ def run_distill(
     # The stage's wall clock (and max_seconds) includes computing the teacher cache: the fast loop
     # pays for it up front.
     began = time.perf_counter() - elapsed
-    cache = None
-    if teacher is not None and config.loss == "kd" and config.teacher_cache and start < config.iterations:
+    cache = targets
+    if cache is None and uses_teacher and config.teacher_cache and start < config.iterations:
         cache = teacher_outputs(teacher, data, device)
         if start == 0:
             cache_seconds = time.perf_counter() - began
 
     def validate(iteration: int) -> ValPoint:
-        result = evaluate_dataset(ema.model, val_dir, data.scale, device=device)
-        return ValPoint(iteration=iteration, psnr=result.psnr, ssim=result.ssim)
+        result = evaluate_dataset(ema.model, val, data.scale, device=device, name=val_name)
+        return ValPoint(
+            iteration=iteration, psnr=result.psnr, ssim=result.ssim, seconds=time.perf_counter() - began
+        )
 
     every = LoopEvery(
         log=config.log_every, validate=config.validate_every, checkpoint=config.checkpoint_every
     )
     loop_began = time.perf_counter()
     iteration, stopped_early = start, False
+    last_finite = float("nan")
     while iteration < config.iterations:
         check_cancel(should_cancel)
         iteration += 1
-        if cache is not None:
-            lr_batch, hr_batch, teacher_batch = data.batch(iteration, extra=cache)
-            teacher_out = to_device(teacher_batch, device)
-        else:
-            lr_batch, hr_batch = data.batch(iteration)
-            teacher_out = None
-        lr_batch, hr_batch = to_device(lr_batch, device), to_device(hr_batch, device)
-        out = student(lr_batch)
-        if config.loss == "kd":
-            if teacher_out is None:
-                with torch.no_grad():
-                    teacher_out = teacher(lr_batch)
-            parts = kd_loss_parts(out, teacher_out, hr_batch, alpha=config.alpha)
-            loss = parts.total
-        else:
-            parts, loss = None, torch.nn.functional.l1_loss(out, hr_batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        parts = train_step(student, teacher, optimizer, scaler, data, iteration, cache, config, device)
+        loss_value = float(parts.total.detach())
+        if not np.isfinite(loss_value):
+            raise Diverged(
+                f"the training loss became {loss_value} at iteration {iteration} "
+                f"(last finite loss {last_finite:.6g}); lower the lr ({config.lr:g}) or the loss weights"
+            )
+        last_finite = loss_value
         scheduler.step()
         ema.update(student, iteration)
 
@@ -192,19 +285,18 @@ def run_distill(
         stopped_early = over_time and iteration < config.iterations
         metrics: dict = {}
         if every.due(every.log, iteration, last):
-            point = (
-                LossPoint(iteration=iteration, **parts.as_floats())
-                if parts is not None
-                else LossPoint(iteration=iteration, total=float(loss.detach()), l1=float(loss.detach()))
-            )
+            point = LossPoint(iteration=iteration, **parts.as_floats())
             loss_curve.append(point)
             metrics.update(point.model_dump())
-        if val_dir is not None and every.due(every.validate, iteration, last):
-            val = validate(iteration)
-            val_curve.append(val)
-            metrics["val_psnr"] = val.psnr
-            if val.psnr > best.psnr:
-                best = val
+            run_seconds = time.perf_counter() - loop_began
+            metrics["elapsed_s"] = round(time.perf_counter() - began, 1)
+            metrics["eta_s"] = round(run_seconds / (iteration - start) * (last - iteration), 1)
+        if val is not None and every.due(every.validate, iteration, last):
+            point = validate(iteration)
+            val_curve.append(point)
+            metrics["val_psnr"] = point.psnr
+            if point.psnr > best.psnr:
+                best = point
                 save_checkpoint(best_path, {"ema": ema.model.state_dict(), "iteration": iteration})
         if metrics:
             on_progress(stage, iteration / config.iterations, metrics)
@@ -217,6 +309,7 @@ def run_distill(
                     "ema": ema.model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "rng": rng_state(),
                     "seconds": time.perf_counter() - began,
                     "cache_seconds": cache_seconds,
@@ -239,12 +332,17 @@ def run_distill(
         stopped_early=stopped_early,
         best_iteration=best.iteration,
         best_psnr=best.psnr,
-        validation_set=str(val_dir) if val_dir else "",
+        validation_set=val_name or (str(val) if isinstance(val, Path) else ""),
         val_curve=val_curve,
         loss_curve=loss_curve,
         seconds=seconds,
         teacher_cache_seconds=cache_seconds,
         iterations_per_second=(iteration - start) / max(time.perf_counter() - loop_began, 1e-9),
-        lr_milestones=milestones,
+        lr_milestones=milestones if config.schedule == "step" else [],
+        loss=config.loss,
+        schedule=config.schedule,
+        ema_decay=ema_decay,
+        precision=precision.name,
+        precision_reason=precision.reason,
     )
     return final.eval(), result

@@ -31,6 +31,7 @@ from core.training import (
     no_progress,
     rng_state,
     save_checkpoint,
+    seconds_per_step,
     set_rng_state,
     to_device,
 )
@@ -83,17 +84,10 @@ def density_report(model: nn.Module) -> tuple[float, int, int, dict[str, float]]
     return nonzero / counted, counted, nonzero, per_layer
 
 
-def run_prune(
-    teacher: nn.Module,
-    data: TrainImages,
-    config: PruneConfig,
-    workdir: Path,
-    device: torch.device,
-    on_progress: ProgressFn = no_progress,
-    should_cancel: CancelFn = never_cancel,
-) -> tuple[nn.Module, PruneResult]:
-    """Prune a copy of `teacher`; resumes from `workdir/prune.pt` when it exists."""
-    model = copy.deepcopy(teacher).to(device, memory_format=CHANNELS_LAST).train()
+def make_optimizer(
+    model: nn.Module, data: TrainImages, config: PruneConfig
+) -> tuple[OBProxSG, list[nn.Parameter]]:
+    """OBProx-SG over the regularised tensors (all, or the deep-feature weights only)."""
     if config.regularize == "deep_features_only":
         ids = {id(w) for w in deep_feature_weights(model).values()}
         params = [p for p in model.parameters() if id(p) in ids]
@@ -113,6 +107,50 @@ def run_prune(
         eps=config.eps,
         schedule=config.schedule,
     )
+    return optimizer, params
+
+
+def prune_step(
+    model: nn.Module,
+    optimizer: OBProxSG,
+    data: TrainImages,
+    iteration: int,
+    device: torch.device,
+    charbonnier_eps: float,
+) -> torch.Tensor:
+    """One OBProx-SG step on batch `iteration`; returns the Charbonnier loss."""
+    lr_batch, hr_batch = (to_device(t, device) for t in data.batch(iteration))
+    loss = charbonnier_loss(model(lr_batch), hr_batch, eps=charbonnier_eps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def measure_prune_step(
+    teacher: nn.Module, data: TrainImages, config: PruneConfig, device: torch.device
+) -> float:
+    """Seconds per pruning step on this machine, on a throwaway copy of the teacher."""
+    model = copy.deepcopy(teacher).to(device, memory_format=CHANNELS_LAST).train()
+    optimizer, _ = make_optimizer(model, data, config)
+    return seconds_per_step(
+        lambda k: prune_step(model, optimizer, data, k, device, config.charbonnier_eps), steps=2
+    )
+
+
+def run_prune(
+    teacher: nn.Module,
+    data: TrainImages,
+    config: PruneConfig,
+    workdir: Path,
+    device: torch.device,
+    on_progress: ProgressFn = no_progress,
+    should_cancel: CancelFn = never_cancel,
+) -> tuple[nn.Module, PruneResult]:
+    """Prune a copy of `teacher`; resumes from `workdir/prune.pt` when it exists."""
+    model = copy.deepcopy(teacher).to(device, memory_format=CHANNELS_LAST).train()
+    optimizer, params = make_optimizer(model, data, config)
+    epoch_size = data.batches_per_epoch
     path = workdir / "prune.pt"
     curve: list[DensityPoint] = []
     start, elapsed = 0, 0.0
@@ -125,13 +163,10 @@ def run_prune(
 
     every = LoopEvery(log=config.log_every, checkpoint=config.checkpoint_every)
     began = time.perf_counter() - elapsed
+    loop_began = time.perf_counter()
     for iteration in range(start + 1, config.iterations + 1):
         check_cancel(should_cancel)
-        lr_batch, hr_batch = (to_device(t, device) for t in data.batch(iteration))
-        loss = charbonnier_loss(model(lr_batch), hr_batch, eps=config.charbonnier_eps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = prune_step(model, optimizer, data, iteration, device, config.charbonnier_eps)
         if every.due(every.log, iteration, config.iterations):
             d = density_report(model)[0]
             point = DensityPoint(
@@ -142,7 +177,12 @@ def run_prune(
                 phase=optimizer.phase,
             )
             curve.append(point)
-            on_progress("pruning", iteration / config.iterations, point.model_dump())
+            per_step = (time.perf_counter() - loop_began) / (iteration - start)
+            timing = {
+                "elapsed_s": round(time.perf_counter() - began, 1),
+                "eta_s": round(per_step * (config.iterations - iteration), 1),
+            }
+            on_progress("pruning", iteration / config.iterations, point.model_dump() | timing)
         if every.due(every.checkpoint, iteration, config.iterations):
             save_checkpoint(
                 path,

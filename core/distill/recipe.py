@@ -1,0 +1,124 @@
+"""Recipes: the named sets of defaults a job's pruning and distillation start from.
+
+- `paper` reproduces Jiang et al. 2024 faithfully (method.md §5): a student trained from scratch with
+  AdaMax at 1e-4, α·L1 + the Laplacian KD loss, lr halved at the family's milestones, EMA 0.999. It
+  needs the paper's 800k iterations to get where the paper got.
+- `fast` (the default) is what measured best on the budgets users have — an hour or a night on a CPU
+  (bench/recipes.py, bench/RESULTS.md): the student inherits the pruned teacher's weights, trains
+  with AdaMax at 2e-3 under a cosine decay to zero after a short warm-up, and learns from the
+  teacher's output and its high frequencies (`pixel_hf`) plus α·L1 to the ground truth.
+
+Every knob stays overridable from the job; `resolve_recipe` applies the job's overrides and the result
+(every value, and which ones the job set) is recorded in the report.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.distill.schedule import LrSchedule
+
+if TYPE_CHECKING:
+    from core.pipeline import JobParams
+
+RecipeName = Literal["paper", "fast"]
+StudentInit = Literal["scratch", "inherit"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Recipe(BaseModel):
+    """Every value a job's training stages run with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: RecipeName
+    student_init: StudentInit
+    loss: str = Field(description="one of core.losses.DISTILL_LOSSES")
+    alpha: float = Field(description="weight of L1(student, ground truth) in paper / pixel_hf")
+    lr: float
+    schedule: LrSchedule
+    warmup: float = Field(description="lr warm-up, fraction of the distillation iterations")
+    lr_milestones: list[float] | None = Field(
+        None, description="`step` schedule: ×0.5 at these fractions of the run; None = family default"
+    )
+    ema_decay: float
+    ema_horizon: float | None = Field(
+        description="the EMA spans at most this fraction of the run (None: the decay as given)"
+    )
+    precision: Precision
+    prune_share: float = Field(description="share of a time budget spent pruning")
+    prune_iters: int = Field(description="without a time budget")
+    distill_iters: int = Field(description="without a time budget")
+    validations: int = Field(description="validations per distillation run (and one at its end)")
+    holdout_images: int = Field(description="at most this many training images held out for selection")
+    overridden: list[str] = Field(default_factory=list, description="values the job set itself")
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(
+        name="paper",
+        student_init="scratch",
+        loss="paper",
+        alpha=0.1,
+        lr=1e-4,
+        schedule="step",
+        warmup=0.0,
+        ema_decay=0.999,
+        ema_horizon=None,
+        precision="fp32",
+        prune_share=1 / 9,  # the authors: 100k pruning iterations for 800k of distillation
+        prune_iters=500,
+        distill_iters=2000,
+        validations=4,
+        holdout_images=8,
+    ),
+    "fast": Recipe(
+        name="fast",
+        student_init="inherit",
+        loss="pixel_hf",
+        alpha=0.1,
+        lr=2e-3,
+        schedule="cosine",
+        warmup=0.02,
+        ema_decay=0.999,
+        ema_horizon=0.1,
+        precision="auto",
+        prune_share=0.05,
+        prune_iters=100,
+        distill_iters=2000,
+        validations=10,
+        holdout_images=8,
+    ),
+}
+
+# JobParams field -> Recipe field, for the knobs a job may override.
+OVERRIDES = {
+    "student_init": "student_init",
+    "distill_loss": "loss",
+    "alpha": "alpha",
+    "distill_lr": "lr",
+    "lr_schedule": "schedule",
+    "warmup": "warmup",
+    "precision": "precision",
+    "prune_iters": "prune_iters",
+    "distill_iters": "distill_iters",
+    "holdout_images": "holdout_images",
+}
+
+
+def resolve_recipe(params: JobParams, cross_family_student: bool = False) -> Recipe:
+    """The job's recipe with its overrides applied. A student of another family than the teacher
+    cannot inherit its weights: it starts from scratch unless the job asked for inherit (an error
+    the job's own validation reports)."""
+    base = RECIPES[params.recipe]
+    changes = {
+        field: getattr(params, job_field)
+        for job_field, field in OVERRIDES.items()
+        if getattr(params, job_field) is not None
+    }
+    overridden = sorted(changes)
+    if cross_family_student and "student_init" not in changes:
+        changes["student_init"] = "scratch"
+    return base.model_copy(update={**changes, "overridden": overridden})

@@ -1,0 +1,97 @@
+"""Schedules as fractions of a run, and a time budget turned into iteration counts.
+
+Every schedule of a training run is stated as a fraction of its iteration count — lr warm-up and decay,
+EMA horizon, validation cadence — so that a run of any length, 300 iterations or 800k, ends with a
+finished schedule. A time budget is turned into iteration counts once, from step times measured on
+this machine, and recorded: the schedule is then exact and a resumed run repeats it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel
+
+LrSchedule = Literal["step", "cosine", "linear"]
+
+
+def lr_factor(
+    step: int,
+    total: int,
+    schedule: LrSchedule,
+    warmup: float = 0.0,
+    milestones: tuple[int, ...] = (),
+) -> float:
+    """The lr multiplier of optimizer step `step` (1-based) of `total`.
+
+    Linear warm-up over the first ⌈warmup·total⌉ steps (reaching 1 at the last warm-up step), then:
+    `step`: ×0.5 at each milestone (the paper's recipe); `cosine` / `linear`: decay from 1 to exactly 0
+    at the last step.
+    """
+    warm = math.ceil(warmup * total) if warmup > 0 else 0
+    if step <= warm:
+        return step / warm
+    if schedule == "step":
+        return 0.5 ** sum(step > m for m in milestones)
+    progress = min(1.0, (step - warm) / max(total - warm, 1))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def ema_decay_for(total: int, decay: float, horizon: float | None) -> float:
+    """The EMA decay of a run: `decay`, shortened so that the average spans at most `horizon`·total
+    steps (a 0.999 average over a 300-step run would still be mostly the first steps' weights)."""
+    if horizon is None:
+        return decay
+    return min(decay, 1.0 - 1.0 / max(2.0, horizon * total))
+
+
+def validate_every_for(total: int, validations: int) -> int:
+    """Validate `validations` times over the run (and at its end); 0 means only at the end."""
+    return 0 if validations <= 0 else max(1, math.ceil(total / validations))
+
+
+def iterations_within(seconds: float, step_seconds: float) -> int:
+    """How many steps of `step_seconds` fit in `seconds` (at least 1: a budget always trains)."""
+    return max(1, math.floor(max(seconds, 0.0) / max(step_seconds, 1e-9)))
+
+
+class BudgetPlan(BaseModel):
+    """How a job's time budget became iteration counts (measured on the worker that planned it)."""
+
+    budget_seconds: float
+    prune_share: float
+    prune_step_seconds: float
+    prune_iters: int
+    spent_before_distill_seconds: float = 0.0  # pruning, teacher labelling and the measurements
+    distill_step_seconds: float = 0.0
+    validation_seconds: float = 0.0  # one validation of the student
+    validations: int = 0
+    distill_iters: int = 0
+
+    def plan_distill(
+        self, spent_seconds: float, step_seconds: float, validation_seconds: float, validations: int
+    ) -> BudgetPlan:
+        """The rest of the budget after pruning and labelling, as distillation iterations."""
+        left = self.budget_seconds - spent_seconds - validations * validation_seconds
+        return self.model_copy(
+            update={
+                "spent_before_distill_seconds": spent_seconds,
+                "distill_step_seconds": step_seconds,
+                "validation_seconds": validation_seconds,
+                "validations": validations,
+                "distill_iters": iterations_within(left, step_seconds),
+            }
+        )
+
+
+def plan_pruning(budget_seconds: float, share: float, step_seconds: float) -> BudgetPlan:
+    """The first half of a plan: the pruning share of the budget, as OBProx-SG steps."""
+    return BudgetPlan(
+        budget_seconds=budget_seconds,
+        prune_share=share,
+        prune_step_seconds=step_seconds,
+        prune_iters=iterations_within(share * budget_seconds, step_seconds),
+    )
