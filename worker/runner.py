@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import Canceled, UserError
+from core.errors import Canceled, Diverged, UserError
 from store import jobs
 from store.blobs import BlobStore, make_blob_store, normalize_prefix
 from store.db import make_engine, session_factory
@@ -61,6 +61,7 @@ PROGRESS_MIN_SECONDS = 1.0
 SKIPPED_SUFFIXES = (".tmp", ".part")  # files being written; their final name is uploaded later
 ERROR_INVALID_INPUT = "invalid_input"
 ERROR_INTERNAL = "internal"
+ERROR_DIVERGED = "diverged"  # a training loss stopped being finite
 MAX_ERROR_MESSAGE = 2000
 
 PipelineFn = Callable[..., Any]  # core.pipeline.run_pipeline's signature
@@ -299,6 +300,10 @@ class JobRunner:
             message = _one_line(error)
             log.info("job %s: failed: %s", job_id, message)
             return self._end(job_id, "failed", ERROR_INVALID_INPUT, message, restored)
+        except Diverged as error:
+            heartbeat.stop()
+            log.info("job %s: diverged: %s", job_id, error)
+            return self._end(job_id, "failed", ERROR_DIVERGED, str(error), restored)
         except Exception as error:
             log.exception("job %s: internal error", job_id)
             heartbeat.stop()

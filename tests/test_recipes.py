@@ -1,0 +1,282 @@
+"""Recipes, time budgets and schedules (core.distill.recipe, core.distill.schedule), honest model
+selection, and training precision.
+
+The arithmetic is tested exactly; the budgeted pipeline runs on a tiny budget with the real RLFN-S ×2
+teacher and small crops of the bundled sample images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from core.data.datasets import holdout_split
+from core.data.sample import sample_dir
+from core.distill.recipe import RECIPES
+from core.distill.schedule import (
+    BudgetPlan,
+    ema_decay_for,
+    iterations_within,
+    lr_factor,
+    plan_pruning,
+    validate_every_for,
+)
+from core.errors import Canceled
+from core.pipeline import JobConfig, JobParams, run_pipeline
+from core.training import resolve_precision
+
+# --- schedules ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_ends_exactly_at_the_last_iteration(schedule):
+    total = 1000
+    factors = [lr_factor(k, total, schedule, warmup=0.02) for k in range(1, total + 1)]
+    assert factors[total - 1] == 0.0  # the last step
+    assert factors[total - 2] > 0.0  # and not before
+    assert all(a >= b for a, b in zip(factors[20:], factors[21:], strict=False))  # monotone decay
+    assert lr_factor(total + 1, total, schedule) == pytest.approx(0.0, abs=1e-12)  # never negative after
+
+
+def test_warmup_is_a_fraction_of_the_run_and_reaches_the_peak_at_its_last_step():
+    for total in (50, 1000, 34_000):
+        warm = math.ceil(0.02 * total)
+        assert lr_factor(1, total, "cosine", warmup=0.02) == pytest.approx(1 / warm)
+        assert lr_factor(warm, total, "cosine", warmup=0.02) == 1.0
+        assert lr_factor(warm + 1, total, "cosine", warmup=0.02) < 1.0
+
+
+def test_step_schedule_halves_at_each_milestone():
+    milestones = (250, 500, 750)
+    assert lr_factor(250, 1000, "step", milestones=milestones) == 1.0
+    assert lr_factor(251, 1000, "step", milestones=milestones) == 0.5
+    assert lr_factor(1000, 1000, "step", milestones=milestones) == 0.125
+
+
+def test_ema_horizon_and_validation_cadence_scale_with_the_run():
+    assert ema_decay_for(300, 0.999, 0.1) == pytest.approx(1 - 1 / 30)
+    assert ema_decay_for(100_000, 0.999, 0.1) == 0.999  # capped by the recipe's decay
+    assert ema_decay_for(300, 0.999, None) == 0.999  # the paper's: as given
+    assert validate_every_for(270, 10) == 27
+    assert validate_every_for(5, 10) == 1
+    assert validate_every_for(1000, 0) == 0
+
+
+def test_budget_to_iterations_arithmetic():
+    plan = plan_pruning(budget_seconds=600, share=0.05, step_seconds=0.5)
+    assert plan.prune_iters == 60  # 5% of 600 s at 0.5 s a step
+    plan = plan.plan_distill(spent_seconds=45.0, step_seconds=0.25, validation_seconds=1.5, validations=10)
+    assert plan.distill_iters == math.floor((600 - 45 - 15) / 0.25) == 2160
+    # A budget already spent still trains one step; a plan survives a JSON round trip unchanged.
+    assert iterations_within(-3.0, 0.1) == 1
+    assert BudgetPlan(**json.loads(plan.model_dump_json())) == plan
+
+
+# --- recipes and the job's parameters ------------------------------------------------------------------
+
+
+def test_paper_recipe_resolves_to_the_papers_values():
+    recipe = JobParams(model="rlfn_s", scale=2, recipe="paper").resolved_recipe()
+    assert (recipe.student_init, recipe.loss, recipe.alpha, recipe.lr) == ("scratch", "paper", 0.1, 1e-4)
+    assert (recipe.schedule, recipe.warmup, recipe.ema_decay, recipe.ema_horizon) == (
+        "step",
+        0.0,
+        0.999,
+        None,
+    )
+    assert recipe.precision == "fp32" and recipe.overridden == []
+
+
+def test_fast_is_the_default_and_every_knob_stays_overridable():
+    params = JobParams(model="rlfn_s", scale=2)
+    assert params.recipe == "fast" and params.resolved_recipe() == RECIPES["fast"]
+    recipe = JobParams(
+        model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="l1_gt", lr_schedule="linear", alpha=0.3
+    ).resolved_recipe()
+    assert (recipe.lr, recipe.loss, recipe.schedule, recipe.alpha) == (5e-4, "l1_gt", "linear", 0.3)
+    assert recipe.overridden == ["alpha", "loss", "lr", "schedule"]
+
+
+def test_a_student_of_another_family_starts_from_scratch():
+    params = JobParams(model="rlfn_s", scale=2, student_preset="edsr_mini")
+    assert params.cross_family_student and params.resolved_recipe().student_init == "scratch"
+    same_family = JobParams(model="rlfn", scale=2, student_preset="rlfn_s")
+    assert same_family.resolved_recipe().student_init == "inherit"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"budget_minutes": 5, "distill_iters": 100}, "either budget_minutes or iteration counts"),
+        ({"budget_minutes": 5, "prune_iters": 10}, "either budget_minutes or iteration counts"),
+        ({"student_preset": "edsr_mini", "target_params": 45000}, "student_preset names the student"),
+        (
+            {"student_preset": "edsr_mini", "student_init": "inherit"},
+            "needs a student of the teacher's family",
+        ),
+        ({"student_preset": "nope"}, "unknown student_preset"),
+        ({"model": "nope"}, "unknown preset"),
+        ({"alpha": math.inf}, "finite"),
+        ({"distill_lr": math.nan}, "finite"),
+        ({"budget_minutes": 0}, "greater than 0"),
+        ({"seed": 2**64}, "less than"),
+        ({"distill_loss": "mse"}, "pixel_hf"),
+        ({"device": "tpu"}, "unknown device"),
+    ],
+)
+def test_bad_job_parameters_are_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        JobParams(**{"model": "rlfn_s", "scale": 2, **fields})
+
+
+# --- honest selection ------------------------------------------------------------------------------------
+
+
+def test_holdout_is_disjoint_seeded_and_at_most_a_tenth():
+    paths = [Path(f"img{i:03d}.png") for i in range(232)]
+    train, held = holdout_split(paths, 8, seed=0)
+    assert len(held) == 8 and len(train) == 224
+    assert not set(train) & set(held) and set(train) | set(held) == set(paths)
+    assert holdout_split(paths, 8, seed=0) == (train, held)  # seeded
+    assert holdout_split(paths, 8, seed=1)[1] != held
+    assert len(holdout_split(paths[:30], 8, seed=0)[1]) == 3  # a tenth of 30
+    assert len(holdout_split(paths[:5], 8, seed=0)[1]) == 1  # at least one of several
+    assert holdout_split(paths[:1], 8, seed=0) == (paths[:1], [])  # never the only image
+
+
+# --- precision ---------------------------------------------------------------------------------------------
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16():
+    cpu = torch.device("cpu")
+    fallback = resolve_precision("bf16", cpu, cpu_bf16=False)
+    assert fallback.dtype is None and fallback.name == "fp32" and "lacks native bf16" in fallback.reason
+    assert resolve_precision("bf16", cpu, cpu_bf16=True).dtype == torch.bfloat16
+    assert resolve_precision("auto", cpu, cpu_bf16=True).dtype is None  # auto on a CPU: fp32
+    assert resolve_precision("fp16", cpu).dtype is None
+
+
+def test_gpu_precision_autocasts_bf16_else_fp16_with_a_grad_scaler():
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda, cuda_bf16=True).dtype == torch.bfloat16
+    fp16 = resolve_precision("auto", cuda, cuda_bf16=False)
+    assert fp16.dtype == torch.float16 and fp16.needs_grad_scaler
+    assert resolve_precision("bf16", cuda, cuda_bf16=False).dtype is None
+    assert resolve_precision("fp32", cuda, cuda_bf16=True).dtype is None
+
+
+# --- the budgeted pipeline ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory) -> Path:
+    """Six 96x72 HR crops of the sample images: five train, one is held out."""
+    source = sample_dir(tmp_path_factory.mktemp("cache"))
+    folder = tmp_path_factory.mktemp("crops")
+    for path in sorted(source.glob("*.png")):
+        Image.fromarray(np.asarray(Image.open(path).convert("RGB"))[:72, :96]).save(folder / path.name)
+    return folder
+
+
+def budget_config(teacher: Path, crops: Path, **changes) -> JobConfig:
+    """Only the model, scale, teacher, data, a size target and a budget: the rest is the recipe's."""
+    fields = dict(
+        model="rlfn_s",
+        scale=2,
+        teacher_weights=teacher,
+        train_data=[crops],
+        val_data=[crops],
+        target_params=20000,
+        budget_minutes=0.15,
+        batch_size=2,
+        patch_size=16,
+        device="cpu",
+    )
+    return JobConfig(**{**fields, **changes})
+
+
+def test_a_budgeted_job_resolves_to_fast_and_reports_the_gap(tmp_path, shared_weights, crops):
+    report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
+    assert report.recipe == RECIPES["fast"]
+    plan = report.budget
+    assert plan is not None and plan.budget_seconds == 9.0
+    assert report.prune.iterations == plan.prune_iters >= 1
+    assert report.distill.iterations == plan.distill_iters >= 1
+    expected = math.floor(
+        (9.0 - plan.spent_before_distill_seconds - plan.validations * plan.validation_seconds)
+        / plan.distill_step_seconds
+    )
+    assert plan.distill_iters == max(1, expected)
+    # The checkpoint was chosen on a held-out training image; the named set is reported beside it.
+    assert len(report.holdout.images) == 1 and report.holdout.training_images == 5
+    assert report.distill.validation_set == "holdout"
+    assert [g.used_for_selection for g in report.gaps] == [True, False]
+    for gap in report.gaps:
+        assert gap.student_minus_teacher == pytest.approx(gap.student - gap.teacher)
+    assert report.gaps[1].student == pytest.approx(report.student.scores[0].psnr)
+    assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 10_000
+    stored = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert stored["recipe"]["loss"] == "pixel_hf" and stored["budget"]["distill_iters"] == plan.distill_iters
+
+
+def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops):
+    teacher = shared_weights / "RLFN_s_x2.pth"
+    config = budget_config(teacher, crops, checkpoint_every=2)
+    killed = tmp_path / "killed"
+    steps = []
+
+    def cancel_in_distill() -> bool:
+        return len(steps) >= 3
+
+    with pytest.raises(Canceled):
+        run_pipeline(
+            config,
+            killed,
+            on_progress=lambda stage, f, m: (
+                steps.append(1) if stage == "distilling" and "iteration" in m else None
+            ),
+            should_cancel=cancel_in_distill,
+        )
+    plan = json.loads((killed / "state.json").read_text())["plan"]
+    assert plan["distill_iters"] > 0  # planned before the kill
+    resumed = run_pipeline(config, killed)
+    # The same plan in a fresh workdir, run without a stop: the same weights, bit for bit.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "state.json").write_text(json.dumps({"results": {}, "seconds": {}, "plan": plan}))
+    straight = run_pipeline(config, fresh)
+    assert resumed.distill.iterations == straight.distill.iterations == plan["distill_iters"]
+    a = load_file(killed / "out" / "model.safetensors")
+    b = load_file(fresh / "out" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_student_preset_of_another_family_is_distilled(tmp_path, shared_weights, crops):
+    config = budget_config(
+        shared_weights / "RLFN_s_x2.pth", crops, target_params=None, student_preset="edsr_mini",
+        budget_minutes=None, prune_iters=1, distill_iters=3,
+    )  # fmt: skip
+    report = run_pipeline(config, tmp_path)
+    assert report.student.config["family"] == "edsr" and report.student.params == 49_603
+    assert report.recipe.student_init == "scratch"
+    assert "preset edsr_mini" in report.compress.note
+
+
+def test_an_absurd_lr_diverges_instead_of_succeeding(tmp_path, shared_weights, crops):
+    from core.errors import Diverged
+
+    config = budget_config(
+        shared_weights / "RLFN_s_x2.pth", crops, budget_minutes=None, prune_iters=1, distill_iters=20,
+        distill_lr=1e6,
+    )  # fmt: skip
+    with pytest.raises(Diverged, match=r"at iteration \d+ \(last finite loss"):
+        run_pipeline(config, tmp_path)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
