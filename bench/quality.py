@@ -1,142 +1,157 @@
-"""Does the paper's KD pay on a real teacher? Prune + compress RLFN-S ×2 to ~10% of its parameters,
-then train the same student twice with the same wall-clock budget: with the KD loss (fast loop,
-cached teacher outputs) and with plain L1 to the ground truth (no teacher).
+"""How good a student does the product make in N minutes? One compression job, run as a user runs it.
 
-    .venv/bin/python bench/quality.py [--minutes 20] [--lr 2e-3] [--prune-iters 200] [--target-params 45000]
+    .venv/bin/python bench/quality.py --minutes 60 --out DIR [--scale 2|4] [--student-preset edsr_mini]
+        [--target-params 45000] [--recipe fast|paper] [--json FILE]
 
-Data: ../shared/data/train (HR images; LR made with the MATLAB bicubic), validation Set5/Set14/B100.
-The default run takes under an hour on a 2-core CPU. Prints a markdown table for bench/RESULTS.md.
+The job is `core.pipeline.run_pipeline` with `budget_minutes` (pruning, teacher labelling and
+distillation inside the budget), the real RLFN-S teacher from ../shared/weights, training images from
+../shared/data/train, and Set5 / Set14 / B100 as validation sets that are *reported only*: the
+checkpoint is chosen on images held out from the training set. The student lands in DIR as
+`model.safetensors` + `config.json`, beside the job's report and plots (DIR/job/out). Prints a
+markdown row set for bench/RESULTS.md with the CPU and its measured matmul peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import platform
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+from infer import matmul_peak_gflops  # bench/infer.py: the machine's measured fp32 peak
 
-from core.compress.stage import CompressConfig, run_compress
-from core.data.datasets import TrainImages, list_images
-from core.distill.stage import DistillConfig, run_distill
-from core.evaluate import evaluate_dataset, evaluate_model
-from core.models import build_model, load_checkpoint, parse_config
-from core.pipeline import measure_latency
-from core.prune.stage import PruneConfig, run_prune
-from core.training import seed_everything
+from core.pipeline import CompressionReport, JobConfig, run_pipeline
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+TRAIN_SETS = ("DIV2K_test_LRx4", "Sun_Hays80", "T91_partial53")
 VAL_SETS = ("Set5", "Set14", "B100")
+TEACHERS = {2: "RLFN_s_x2.pth", 4: "RLFN_s_x4.pth"}
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def job_config(minutes: float, scale: int, val_sets: list[str], **overrides) -> JobConfig:
+    """The benchmark's job: only the model, scale, teacher, data, a size target and a budget, plus
+    whatever the caller overrides (a recipe variant)."""
+    fields = dict(
+        model="rlfn_s",
+        scale=scale,
+        teacher_weights=SHARED / "weights" / TEACHERS[scale],
+        train_data=[SHARED / "data" / "train" / name for name in TRAIN_SETS],
+        val_data=[SHARED / "data" / "benchmark" / name for name in val_sets],
+        target_params=45_000,
+        budget_minutes=minutes,
+        seed=0,
+    )
+    fields.update(overrides)
+    if fields.get("student_preset"):
+        fields.pop("target_params")
+    return JobConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def run_job(config: JobConfig, workdir: Path) -> tuple[CompressionReport, dict[str, float]]:
+    """Run the job; returns its report and its wall clock (budgeted part, and all of it)."""
+    began = time.perf_counter()
+    report = run_pipeline(config, workdir, on_progress=_print_progress())
+    seconds = report.stage_seconds
+    timing = {
+        "budgeted_minutes": sum(seconds[s] for s in ("pruning", "compressing", "distilling")) / 60,
+        "total_minutes": (time.perf_counter() - began) / 60,
+    }
+    return report, timing
+
+
+def _print_progress():
+    last = {"stage": None, "time": 0.0}
+
+    def on_progress(stage: str, fraction: float, metrics: dict) -> None:
+        now = time.perf_counter()
+        if stage != last["stage"] or "val_psnr" in metrics or now - last["time"] > 120:
+            shown = {k: v for k, v in metrics.items() if k in ("iteration", "val_psnr", "eta_s", "phase")}
+            print(f"  {stage:<12} {fraction:6.1%} {shown}", flush=True)
+            last.update(stage=stage, time=now)
+
+    return on_progress
+
+
+def result_row(name: str, report: CompressionReport, timing: dict[str, float]) -> dict:
+    return {
+        "variant": name,
+        "params": report.student.params,
+        "iterations": report.distill.iterations,
+        "budgeted_minutes": round(timing["budgeted_minutes"], 2),
+        "total_minutes": round(timing["total_minutes"], 2),
+        "psnr": {g.dataset: round(g.student, 3) for g in report.gaps},
+        "teacher": {g.dataset: round(g.teacher, 3) for g in report.gaps},
+        "bicubic": {g.dataset: round(g.bicubic, 3) for g in report.gaps},
+        "recipe": report.recipe.model_dump(),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    sets = list(rows[0]["psnr"])
+    lines = [
+        "| variant | params | iterations | minutes (budgeted / total) | "
+        + " | ".join(f"{s}{' (selection)' if s == 'holdout' else ''}" for s in sets)
+        + " |",
+        "|---" * (4 + len(sets)) + "|",
+    ]
+    first = rows[0]
+    lines.append("| bicubic | – | – | – | " + " | ".join(f"{first['bicubic'][s]:.2f}" for s in sets) + " |")
+    lines.append("| teacher | – | – | – | " + " | ".join(f"{first['teacher'][s]:.2f}" for s in sets) + " |")
+    for row in rows:
+        cells = " | ".join(f"{row['psnr'][s]:.2f} ({row['psnr'][s] - row['teacher'][s]:+.2f})" for s in sets)
+        lines.append(
+            f"| {row['variant']} | {row['params']:,} | {row['iterations']:,} | "
+            f"{row['budgeted_minutes']:.1f} / {row['total_minutes']:.1f} | {cells} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    peak = matmul_peak_gflops()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, fp32 matmul peak {peak:.0f} GFLOP/s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget per student")
     parser.add_argument(
-        "--lr",
-        type=float,
-        default=2e-3,
-        help="distillation lr of both students (the 1e-4 default suits the paper's 800k iterations; "
-        "a budget of a few thousand needs more)",
+        "--minutes", type=float, default=60.0, help="budget: pruning + labelling + distillation"
     )
-    parser.add_argument("--prune-iters", type=int, default=200)
-    parser.add_argument("--lambda", dest="lambda_", type=float, default=1e-4)
+    parser.add_argument("--out", type=Path, required=True, help="the student and the job's files go here")
+    parser.add_argument("--scale", type=int, choices=sorted(TEACHERS), default=2)
+    parser.add_argument("--student-preset", help="e.g. edsr_mini or swinir_mini instead of the rule's RLFN")
     parser.add_argument("--target-params", type=int, default=45_000)
-    parser.add_argument("--train", nargs="+", default=["DIV2K_test_LRx4", "Sun_Hays80", "T91_partial53"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--recipe", choices=["fast", "paper"], default="fast")
+    parser.add_argument("--val", nargs="+", default=list(VAL_SETS))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    device = torch.device(args.device)
-    seed_everything(0, deterministic=False)
-
-    teacher, _ = load_checkpoint(SHARED / "weights" / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
-    teacher = teacher.to(device)
-    paths = [p for name in args.train for p in list_images(SHARED / "data" / "train" / name)]
-    data = TrainImages(paths, 2, lr_patch=48, batch_size=16, seed=0)
-    print(f"{len(data)} training images ({len(data.skipped)} too small), device {device}")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        began = time.perf_counter()
-        _, prune = run_prune(
-            teacher, data, PruneConfig(iterations=args.prune_iters, lambda_=args.lambda_), workdir, device
-        )
-        print(
-            f"prune: {prune.iterations} steps, λ {args.lambda_:g}, d = {prune.density:.4f} "
-            f"({time.perf_counter() - began:.0f} s)"
-        )
-        compress = run_compress(
-            teacher.config, prune.density, CompressConfig(target_params=args.target_params)
-        )
-        print(f"compress: {compress.note}")
-
-        students = {}
-        for name, loss in (("KD student", "kd"), ("no-KD student (L1)", "l1")):
-            torch.manual_seed(0)
-            student = build_model(parse_config(compress.student_config))
-            config = DistillConfig(
-                iterations=10**7,  # the wall-clock budget ends the run
-                loss=loss,
-                lr=args.lr,
-                lr_milestones=[],
-                validate_every=0,
-                checkpoint_every=10**9,
-                max_seconds=args.minutes * 60,
-            )
-            run_dir = workdir / loss
-            run_dir.mkdir()
-            model, result = run_distill(
-                student, teacher if loss == "kd" else None, data, None, config, run_dir, device
-            )
-            students[name] = (model, result)
-            print(
-                f"{name}: {result.iterations} iterations in {result.seconds:.0f} s "
-                f"({result.iterations_per_second:.2f} it/s)"
-            )
-
-    rows = {"bicubic": {}, "teacher rlfn_s": {}, **{name: {} for name in students}}
-    for dataset in VAL_SETS:
-        folder = SHARED / "data" / "benchmark" / dataset
-        rows["bicubic"][dataset] = evaluate_model("bicubic", 2, None, folder)
-        rows["teacher rlfn_s"][dataset] = evaluate_dataset(teacher, folder, 2, device=device)
-        for name, (model, _) in students.items():
-            rows[name][dataset] = evaluate_dataset(model, folder, 2, device=device)
-
-    cpu = torch.device("cpu")
-    lr_size = (320, 180)
-    print(
-        "\n| model | params | GMACs (LR 640x360) | iterations | "
-        f"CPU latency ms (LR {lr_size[0]}x{lr_size[1]}) | " + " | ".join(VAL_SETS) + " |"
-    )
-    print("|---" * (5 + len(VAL_SETS)) + "|")
-    figures = {}
-    for name, scores in rows.items():
-        if name == "bicubic":
-            params, gmacs, iters, latency = "–", "–", "–", "–"
-        elif name.startswith("teacher"):
-            params, gmacs = f"{compress.teacher.params:,}", f"{compress.teacher.macs / 1e9:.2f}"
-            iters, latency = "–", f"{measure_latency(teacher.to(cpu), cpu, lr_size):.0f}"
-        else:
-            model, result = students[name]
-            params, gmacs = f"{compress.student.params:,}", f"{compress.student.macs / 1e9:.2f}"
-            iters, latency = f"{result.iterations:,}", f"{measure_latency(model.to(cpu), cpu, lr_size):.0f}"
-        cells = " | ".join(f"{s.psnr:.2f} / {s.ssim:.4f}" for s in scores.values())
-        print(f"| {name} | {params} | {gmacs} | {iters} | {latency} | {cells} |")
-        figures[name] = {d: {"psnr": s.psnr, "ssim": s.ssim} for d, s in scores.items()}
+    measured = machine()  # before the job, on an idle machine
+    print(measured, flush=True)
+    config = job_config(
+        args.minutes, args.scale, args.val, recipe=args.recipe, student_preset=args.student_preset,
+        target_params=args.target_params,
+    )  # fmt: skip
+    workdir = args.out / "job"
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    report, timing = run_job(config, workdir)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(workdir / "out" / name, args.out / name)
+    row = result_row(args.student_preset or f"{args.recipe} (rule, ≤{args.target_params:,})", report, timing)
+    print(f"\n{measured}\n`{' '.join(sys.argv)}`\n")
+    print(markdown([row]))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": vars(args) | {"json": str(args.json)},
-                    "figures": figures,
-                    "density": prune.density,
-                    "student": list(compress.chosen),
-                },
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps({"machine": measured, "argv": sys.argv, "rows": [row]}, indent=2))
 
 
 if __name__ == "__main__":

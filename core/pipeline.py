@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -106,6 +106,9 @@ class JobParams(BaseModel):
     )
     holdout_images: int | None = Field(
         None, ge=0, le=1000, description="training images held out to choose the checkpoint"
+    )
+    rescales: list[Annotated[float, Field(gt=0, lt=1)]] | None = Field(
+        None, max_length=4, description="also train on the images downscaled by these factors"
     )
     batch_size: int = Field(16, ge=1, le=1024)
     patch_size: int = Field(
@@ -359,6 +362,7 @@ def run_pipeline(
             lr_patch=config.patch_size,
             batch_size=config.batch_size,
             seed=config.seed,
+            rescales=recipe.rescales,
         )
         holdout = load_images(holdout_paths, config.scale)
         log.info(

@@ -242,6 +242,10 @@ class TrainImages:
       every pixel is about equally likely, as with DIV2K's fixed-size sub-images); images smaller than
       the patch are skipped and listed in `skipped`.
     - `batch(iteration)` depends only on (seed, iteration): a resumed run sees the same batches.
+    - `rescales` adds, for each image, its MATLAB-bicubic downscales by these factors as further
+      (HR, LR) pairs: the same scenes at other scales (more distinct patches, and inputs that the
+      teacher labels like any other when its outputs are the targets). Listed in `names` as
+      `<name>@<factor>`.
     """
 
     def __init__(
@@ -252,8 +256,11 @@ class TrainImages:
         batch_size: int = 16,
         seed: int = 0,
         augment: bool = True,
+        rescales: Sequence[float] = (),
     ) -> None:
         self.scale = _check_scale(scale)
+        if any(not 0 < f < 1 for f in rescales):
+            raise UserError(f"rescale factors must lie in (0, 1), got {list(rescales)}")
         if lr_patch < 1 or batch_size < 1:
             raise UserError(f"lr_patch and batch_size must be positive, got {lr_patch}, {batch_size}")
         self.lr_patch, self.batch_size, self.seed, self.augment = lr_patch, batch_size, seed, augment
@@ -263,14 +270,18 @@ class TrainImages:
         self.hr_images: list[np.ndarray] = []
         self.lr_images: list[np.ndarray] = []
         for path in map(Path, paths):
-            hr = mod_crop(load_rgb_uint8(path), self.scale)
-            if min(hr.shape[:2]) < lr_patch * self.scale:
-                self.skipped.append(path.name)
-                continue
-            self.paths.append(path)
-            self.names.append(path.name)
-            self.hr_images.append(hr)
-            self.lr_images.append(imresize(hr, 1.0 / self.scale))
+            image = load_rgb_uint8(path)
+            for factor in (1.0, *rescales):
+                resized = image if factor == 1.0 else imresize(image, factor)
+                hr = mod_crop(resized, self.scale)
+                name = path.name if factor == 1.0 else f"{path.name}@{factor:g}"
+                if min(hr.shape[:2]) < lr_patch * self.scale:
+                    self.skipped.append(name)
+                    continue
+                self.paths.append(path)
+                self.names.append(name)
+                self.hr_images.append(hr)
+                self.lr_images.append(imresize(hr, 1.0 / self.scale))
         if not self.hr_images:
             raise UserError(
                 f"no training image is at least {lr_patch * self.scale} px on its short side "

