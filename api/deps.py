@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +27,11 @@ log = logging.getLogger("srcompress.api")
 # imports worker code (and torch's training stack with it); tests/test_lifecycle.py checks they agree.
 TASK_NAME = "srcompress.run_job"
 TASK_QUEUE = "srcompress.jobs"
+
+# Row offsets and event ids a client may send: bounded so that no value overflows the database's
+# 64-bit integers (an offset of 2^63 was a 500), and far above anything a table holds.
+MAX_OFFSET = 2**53
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="rows to skip")]
 
 
 def make_celery_client(settings: Settings) -> Any:

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import CheckpointError, ImageError, UserError
+from core.errors import CheckpointError, ImageError, ImageTooLarge, UserError
 from store.jobs import IdempotencyConflict, IllegalTransition, JobNotFound
 
 log = logging.getLogger("srcompress.api")
@@ -81,6 +81,8 @@ def user_error_status(error: UserError) -> tuple[int, str]:
         return 422, "idempotency_conflict"
     if isinstance(error, CheckpointError):
         return 422, "invalid_checkpoint"
+    if isinstance(error, ImageTooLarge):
+        return 413, "image_too_large"
     if isinstance(error, ImageError):
         return 422, "invalid_image"
     return 422, "invalid_request"

@@ -13,6 +13,10 @@ class ImageError(UserError):
     """A file that is not a decodable image, or one over the size limits."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (the service's, or Pillow's decompression-bomb guard)."""
+
+
 class Canceled(Exception):
     """Raised inside a stage when the caller's should_cancel() turned true."""
 

@@ -150,7 +150,8 @@ def write_card(report: CompressionReport, path: Path) -> None:
 
 A compact super-resolution model made by srcompress from the teacher `{p.model}`
 (`{report.teacher_source}`) with the three stages of "Compressing Deep Image Super-resolution Models"
-(Jiang et al., 2024): OBProx-SG ℓ1 pruning, density-driven compression, Laplacian knowledge distillation.
+(Jiang et al., 2024): OBProx-SG ℓ1 pruning, density-driven compression, knowledge distillation
+(recipe `{report.recipe.name}`).
 
 ## Architecture
 

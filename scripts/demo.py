@@ -3,24 +3,31 @@
     python scripts/demo.py --url http://127.0.0.1:8765 --key KEY --out runs/demo
 
 Uploads the teacher (the real RLFN-S ×2 from ../shared/weights, else one trained briefly on the
-bundled sample images), submits a compression job on the always-present `sample` dataset with a size
-budget of 45K parameters, follows its progress events, downloads the compact model and upscales an
-image with it. Small iteration counts: every stage runs in minutes on a 2-core CPU.
+bundled sample images) and, when ../shared is there, a training set (T91, 53 images) and Set5 as a
+validation set that is reported only. Submits a compression job with a size budget of 45K parameters
+and a time budget of a few minutes (the `fast` recipe: the checkpoint is chosen on training images held
+out from training), follows its progress events, prints the student's gap to the teacher and to
+bicubic per validation set, downloads the compact model and upscales an image with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TEACHER = REPO.parent / "shared" / "weights" / "RLFN_s_x2.pth"
+SHARED = REPO.parent / "shared"
+SHARED_TEACHER = SHARED / "weights" / "RLFN_s_x2.pth"
+SHARED_TRAIN = SHARED / "data" / "train" / "T91_partial53"
+SHARED_VAL = SHARED / "data" / "benchmark" / "Set5" / "HR"
 
 
 def teacher_checkpoint(out: Path) -> Path:
@@ -45,6 +52,18 @@ def check(response: httpx.Response) -> httpx.Response:
     return response
 
 
+def upload_folder(client: httpx.Client, folder: Path, name: str, kind: str) -> str:
+    """Zip a folder of images in memory and upload it as a dataset; returns its id."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(folder.iterdir()):
+            archive.write(path, path.name)
+    files = {"file": (f"{name}.zip", buffer.getvalue(), "application/zip")}
+    dataset = check(client.post("/v1/datasets", files=files, data={"name": name, "kind": kind})).json()
+    print(f"   dataset {dataset['id']}: {name}, {dataset['image_count']} images ({kind})")
+    return dataset["id"]
+
+
 def follow_events(client: httpx.Client, job_id: str) -> None:
     """Print the job's server-sent events until it ends."""
     last_stage = None
@@ -58,7 +77,9 @@ def follow_events(client: httpx.Client, job_id: str) -> None:
             stage = event.get("state") or event.get("stage")
             metrics = event.get("metrics") or {}
             shown = {
-                k: v for k, v in metrics.items() if k in ("density", "params", "student", "val_psnr", "total")
+                k: v
+                for k, v in metrics.items()
+                if k in ("density", "params", "student", "val_psnr", "eta_s", "phase")
             }
             if stage != last_stage or shown:
                 fraction = event.get("fraction")
@@ -72,7 +93,9 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
-    parser.add_argument("--distill-iters", type=int, default=300)
+    parser.add_argument(
+        "--minutes", type=float, default=4.0, help="the job's budget for pruning, labelling and distillation"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     client = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=120)
@@ -84,22 +107,23 @@ def main() -> None:
                                   data={"name": "rlfn_s x2 teacher"})).json()  # fmt: skip
     print(f"   model {model['id']}: {model['family']} x{model['scale']}, {model['params']:,} params")
 
-    print("2. submit a compression job on the bundled `sample` dataset (budget 45,000 params)")
+    if SHARED_TRAIN.is_dir() and SHARED_VAL.is_dir():
+        print("2. upload a training set and a validation set (reported only, never trained or chosen on)")
+        train_ids = [upload_folder(client, SHARED_TRAIN, "T91_partial53", "train")]
+        val_ids = [upload_folder(client, SHARED_VAL, "Set5", "eval")]
+    else:
+        print("2. ../shared/data is absent: train and report on the bundled `sample` images")
+        train_ids, val_ids = ["sample"], ["sample"]
+
+    print(f"3. submit a compression job: at most 45,000 params, {args.minutes:g} minutes, the fast recipe")
     job_request = {
         "model": "rlfn_s",
         "scale": 2,
         "teacher_model_id": model["id"],
-        "train_dataset_ids": ["sample"],
-        "val_dataset_ids": ["sample"],
+        "train_dataset_ids": train_ids,
+        "val_dataset_ids": val_ids,
         "target_params": 45_000,
-        "prune_iters": 20,
-        "distill_iters": args.distill_iters,
-        # A few hundred iterations: start from the teacher's weights and use a larger lr than the
-        # paper's 1e-4 (meant for 800k iterations), so that the demo's student is already usable.
-        "student_init": "inherit",
-        "distill_lr": 2e-3,
-        "batch_size": 8,
-        "validate_every": 100,
+        "budget_minutes": args.minutes,
     }
     job = check(
         client.post("/v1/jobs", json=job_request, headers={"Idempotency-Key": f"demo-{time.time()}"})
@@ -112,10 +136,20 @@ def main() -> None:
 
     report = check(client.get(f"/v1/jobs/{job['id']}/report")).json()
     t, s = report["teacher"], report["student"]
-    print(f"3. done: student {s['params']:,} params ({s['params'] / t['params']:.1%} of the teacher)")
-    for bt, tt, st in zip(report["bicubic"], t["scores"], s["scores"], strict=True):
-        psnrs = f"bicubic {bt['psnr']:.2f}  teacher {tt['psnr']:.2f}  student {st['psnr']:.2f} dB"
-        print(f"   {st['dataset']}: {psnrs}")
+    recipe, distill = report["recipe"], report["distill"]
+    print(
+        f"   done: student {s['params']:,} params ({s['params'] / t['params']:.1%} of the teacher), recipe "
+        f"{recipe['name']}, {distill['iterations']:,} iterations in {distill['seconds']:.0f} s"
+    )
+    for gap in report["gaps"]:
+        role = (
+            "held out from training, chose the checkpoint" if gap["used_for_selection"] else "reported only"
+        )
+        print(
+            f"   {gap['dataset']:<8} bicubic {gap['bicubic']:.2f}  teacher {gap['teacher']:.2f}  "
+            f"student {gap['student']:.2f} dB  (student − teacher {gap['student_minus_teacher']:+.2f}, "
+            f"− bicubic {gap['student_minus_bicubic']:+.2f})  [{role}]"
+        )
 
     print("4. download the compact model")
     model_dir = args.out / "compact_model"

@@ -12,7 +12,9 @@ import pickle
 import threading
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -357,6 +359,42 @@ def test_upscale_formats_and_limits(alice, bob, rlfn_model):
     assert_error(alice.post("/v1/upscale", files=files, data={"model_id": model_id, "preset": "edsr"}), 422)
 
 
+def png16_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    """A 16-bit RGB PNG of smooth content with every 16-bit level in use (cv2 writes BGR order)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = ((x + y) * 65535 / max(width + height - 2, 1))[..., None]
+    pixels = np.clip(base + rng.normal(0, 3000, (height, width, 3)), 0, 65535).astype(np.uint16)
+    ok, encoded = cv2.imencode(".png", pixels)
+    assert ok
+    return encoded.tobytes()
+
+
+def test_16bit_images_are_served_in_16bit_precision_on_a_reduced_precision_path(stack, alice, rlfn_model):
+    """A server whose models run in bf16 (as the tuner picks on CPUs with native bf16) serves 8-bit
+    images in bf16 but 16-bit images on an exact fp32 path: within 2/65535 of the fp32 output."""
+    model_id = rlfn_model[0]["id"]
+    image16 = {"file": ("deep.png", png16_bytes(40, 32))}
+    fp32 = alice.post("/v1/upscale", files=image16, data={"model_id": model_id})
+    assert fp32.status_code == 200, fp32.text
+    assert fp32.headers["X-Srcompress-Backend"] not in ("bf16", "fp16")
+    url, key_a, _, env = stack
+    bf16_env = {**env, "SRCOMPRESS_UPSCALE_BACKEND": "bf16"}
+    with uvicorn_server(bf16_env, free_port(), Path(env["SRCOMPRESS_DATA_DIR"]) / "bf16.log") as bf16_url:
+        with httpx.Client(base_url=bf16_url, headers={"Authorization": f"Bearer {key_a}"}, timeout=120) as c:
+            eight = c.post(
+                "/v1/upscale", files={"file": ("a.png", png_bytes(40, 32))}, data={"model_id": model_id}
+            )
+            assert eight.headers["X-Srcompress-Backend"] == "bf16"
+            served = c.post("/v1/upscale", files=image16, data={"model_id": model_id})
+    assert served.status_code == 200 and served.headers["X-Srcompress-Backend"] == "eager"
+    decode = lambda body: cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)  # noqa: E731
+    a, b = decode(fp32.content), decode(served.content)
+    assert a.dtype == b.dtype == np.uint16 and a.shape == b.shape == (64, 80, 3)
+    assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 2
+    assert len(np.unique(b[..., 0])) > 2000  # 16-bit detail, not 8-bit steps
+
+
 def test_upscale_full_queue_answers_503(alice, rlfn_model):
     """concurrency 1 + queue 1: of 8 simultaneous requests some must be refused at once, not piled up."""
     model_id = rlfn_model[0]["id"]
@@ -435,6 +473,15 @@ def test_jobs_validation_idempotency_limits_cancel_and_events(stack, alice, bob,
     assert_error(alice.post("/v1/jobs", json=job_body(teacher, patch_size=20)), 422)
     assert_error(alice.post("/v1/jobs", json=job_body(teacher, scale=5)), 422)
     assert_error(alice.post("/v1/jobs", json=job_body(teacher, bogus=1)), 422)
+    # A budget and iteration counts together, a student preset with a size target, unknown recipes,
+    # non-finite numbers (the JSON extension Infinity, and 1e309) are refused at submit.
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, budget_minutes=5)), 422, "invalid_request")
+    preset_and_target = job_body(teacher, student_preset="edsr_mini", target_params=45000)
+    assert_error(alice.post("/v1/jobs", json=preset_and_target), 422)
+    assert_error(alice.post("/v1/jobs", json=job_body(teacher, recipe="slow")), 422)
+    for number in (b'"alpha": Infinity', b'"distill_lr": 1e309', b'"target_gmacs": NaN'):
+        raw = b'{"model": "rlfn_s", "scale": 2, "teacher_model_id": "%s", %s}' % (teacher.encode(), number)
+        assert_error(alice.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"}), 422)
     assert_error(
         alice.post("/v1/jobs", json=job_body(teacher, model="edsr_baseline")), 422, "teacher_mismatch"
     )
@@ -450,6 +497,7 @@ def test_jobs_validation_idempotency_limits_cancel_and_events(stack, alice, bob,
     assert first.status_code == 202, first.text
     job = first.json()
     assert job["state"] == "queued" and job["config"]["lambda_"] == 1e-4
+    assert job["config"]["recipe"] == "fast"  # the default recipe, recorded with the job
     again = alice.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 202 and again.json()["id"] == job["id"]
     assert_error(
@@ -477,6 +525,13 @@ def test_jobs_validation_idempotency_limits_cancel_and_events(stack, alice, bob,
     assert_error(bob.post(f"/v1/jobs/{job['id']}/cancel"), 404)
     assert_error(bob.get(f"/v1/jobs/{job['id']}/events"), 404)
     assert_error(alice.get(f"/v1/jobs/{job['id']}/report"), 409, "not_ready")
+    # Paging offsets and event cursors past the database's 64-bit integers: 422, never a 500 or a
+    # stream that ends silently.
+    for path in ("/v1/models", "/v1/datasets", "/v1/jobs"):
+        assert_error(alice.get(path, params={"offset": 2**63}), 422, "invalid_request")
+    events_url = f"/v1/jobs/{job['id']}/events"
+    assert_error(alice.get(events_url, headers={"Last-Event-ID": "9" * 23}), 422, "invalid_request")
+    assert_error(alice.get(events_url, params={"after": 2**63}), 422, "invalid_request")
     assert alice.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
 
     # Cancel (no worker holds them: at once), then the limit frees up.

@@ -260,7 +260,8 @@ def stored_iteration(stack: Stack, key: str) -> int:
 def test_job_succeeds_with_events_artifacts_and_a_registered_model(workers: Stack, inputs):
     stack = workers
     stack.start_worker("w-success")
-    job_id = submit(stack, inputs, train="sample")
+    # Only a size target and a time budget: the fast recipe, its iteration counts planned on the worker.
+    job_id = submit(stack, inputs, train="sample", prune_iters=None, distill_iters=None, budget_minutes=0.1)
     job = stack.wait_state(job_id, ("succeeded", "failed", "canceled"), 240)
     assert job.state == "succeeded", (job.error_code, job.error_message)
     assert job.attempts == 1 and job.lease_owner is None and job.progress == 1.0
@@ -299,8 +300,13 @@ def test_job_succeeds_with_events_artifacts_and_a_registered_model(workers: Stac
         "psnr",
         model.metrics["psnr"],
     )
-    assert report["distill"]["iterations"] == TINY_JOB["distill_iters"]
-    assert job.metrics["distilling"]["iteration"] == TINY_JOB["distill_iters"]
+    assert report["recipe"]["name"] == "fast" and report["recipe"]["overridden"] == []
+    planned = report["budget"]["distill_iters"]
+    assert planned >= 1 and report["distill"]["iterations"] == planned
+    assert job.metrics["distilling"]["iteration"] == planned and "eta_s" in job.metrics["distilling"]
+    # Chosen on a sample image held out from training; the stored 'tiny' set is reported beside it.
+    assert [g["used_for_selection"] for g in report["gaps"]] == [True, False]
+    assert report["holdout"]["training_images"] == 5 and len(report["holdout"]["images"]) == 1
 
     # The registered model is a loadable srcompress model (weights + config from its blobs).
     from core.models import load_checkpoint

@@ -21,8 +21,8 @@ from fastapi.responses import Response
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from api.deps import Caller, Services, current_caller, get_services, read_session
-from api.errors import ApiError, not_found
+from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
+from api.errors import ApiError, not_found, user_error_status
 from api.schemas import SAMPLE_DATASET_ID, DatasetOut, Page
 from api.uploads import read_upload
 from core.data.datasets import IMAGE_SUFFIXES
@@ -134,7 +134,8 @@ def extract_images(data: bytes, max_pixels: int) -> dict[str, bytes]:
             try:
                 read_image(content, max_pixels=max_pixels)
             except ImageError as error:
-                raise ApiError(422, "invalid_image", f"archive member {name!r}: {error}") from None
+                status, code = user_error_status(error)
+                raise ApiError(status, code, f"archive member {name!r}: {error}") from None
             images[base] = content
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as error:
         raise ApiError(422, "invalid_archive", f"the archive is corrupt: {error}") from None
@@ -242,7 +243,7 @@ def upload_dataset(
 )
 def list_datasets(
     limit: int = Query(50, ge=1, le=200),
-    offset: int = Query(0, ge=0),
+    offset: Offset = 0,
     session: Session = Depends(read_session),
     caller: Caller = Depends(current_caller),
 ) -> Any:

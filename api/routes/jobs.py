@@ -17,7 +17,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import TASK_NAME, TASK_QUEUE, Caller, Services, current_caller, get_services, read_session
+from api.deps import (
+    MAX_OFFSET,
+    TASK_NAME,
+    TASK_QUEUE,
+    Caller,
+    Offset,
+    Services,
+    current_caller,
+    get_services,
+    read_session,
+)
 from api.errors import ApiError, not_found
 from api.routes.datasets import visible_dataset
 from api.routes.models import owned_model, stream_blob
@@ -148,7 +158,7 @@ def create_job(
 def list_jobs(
     state: str | None = Query(None, description="filter: " + ", ".join(JOB_STATES)),
     limit: int = Query(20, ge=1, le=100),
-    offset: int = Query(0, ge=0),
+    offset: Offset = 0,
     session: Session = Depends(read_session),
     caller: Caller = Depends(current_caller),
 ) -> Any:
@@ -211,7 +221,7 @@ async def job_events(
     job_id: str,
     request: Request,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
-    after: int | None = Query(None, ge=0, description="same as Last-Event-ID"),
+    after: int | None = Query(None, ge=0, le=MAX_OFFSET, description="same as Last-Event-ID"),
     follow: bool = Query(True, description="keep the stream open until the job finishes"),
     services: Services = Depends(get_services),
     caller: Caller = Depends(current_caller),
@@ -226,9 +236,11 @@ async def job_events(
         try:
             start = int(last_event_id)
         except ValueError:
+            start = -1
+        if not 0 <= start <= MAX_OFFSET:
             raise ApiError(
-                422, "invalid_request", f"Last-Event-ID must be an event id, got {last_event_id!r}"
-            ) from None
+                422, "invalid_request", f"Last-Event-ID must be an event id, got {last_event_id[:40]!r}"
+            )
 
     async def stream() -> AsyncIterator[str]:
         cursor = start

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from torch import nn
 
-from api.deps import Caller, Services, current_caller, get_services, read_session
+from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
 from api.errors import ApiError, not_found
 from api.schemas import DownloadOut, ModelOut, Page, PresetOut, model_files
 from api.uploads import save_upload
@@ -221,7 +221,7 @@ def upload_model(
 @router.get("/models", response_model=Page[ModelOut], summary="The caller's models")
 def list_models(
     limit: int = Query(50, ge=1, le=200),
-    offset: int = Query(0, ge=0),
+    offset: Offset = 0,
     source: str | None = Query(None, pattern="^(upload|job|builtin)$"),
     session: Session = Depends(read_session),
     caller: Caller = Depends(current_caller),

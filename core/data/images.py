@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from core.errors import ImageError
+from core.errors import ImageError, ImageTooLarge
 
 ColourMode = Literal["gray", "gray_alpha", "rgb", "rgba"]
 OutputFormat = Literal["png", "jpg", "webp"]
@@ -74,6 +74,18 @@ def _png_bit_depth_and_colour_type(data: bytes) -> tuple[int, int] | None:
     if len(data) < 26 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     return data[24], data[25]
+
+
+def is_16bit(data: bytes) -> bool:
+    """Whether an encoded image holds 16-bit samples, read from its header (nothing is decoded)."""
+    png = _png_bit_depth_and_colour_type(data)
+    if png is not None:
+        return png[0] == 16
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.mode in ("I;16", "I;16B", "I;16L", "I")
+    except Exception:
+        return False  # not an image Pillow knows: the decoder gives the precise error
 
 
 def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
@@ -154,24 +166,23 @@ def decode_pixels(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXE
     data, label = _read_bytes(source)
     if not data:
         raise ImageError(f"{label} is empty")
+    too_large = f"over the {max_pixels:,}-pixel limit"
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{label} is too large: {err}") from err
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{label} is {too_large}") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageError(f"{label} is not a readable image (png, jpg, webp, bmp, tiff)") from err
 
     width, height = image.size
     if width * height > max_pixels:
-        raise ImageError(
-            f"{label} is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,}-pixel limit"
-        )
+        raise ImageTooLarge(f"{label} is {width}x{height} = {width * height:,} pixels, {too_large}")
     image_format = image.format or "unknown"
     try:
         image.load()  # decodes everything; raises on truncated or corrupt data
         exif = image.getexif()  # after load: a PNG's eXIf chunk may follow the pixel data
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{label} is too large: {err}") from err
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{label} is {too_large}") from None
     except (OSError, ValueError, SyntaxError, struct.error) as err:
         raise ImageError(f"{label} is truncated or corrupt: {err}") from err
     icc_profile = image.info.get("icc_profile") or None
