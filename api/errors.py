@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import CheckpointError, ImageError, ImageTooLarge, UserError
@@ -35,6 +36,26 @@ HTTP_CODES = {
     500: "internal",
     503: "unavailable",
 }
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, machine-readable, e.g. not_found, invalid_request")
+    message: str = Field(description="one line for a person")
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of the error answers a router's operations give, all in the one shape."""
+    return {
+        status: {"model": ErrorBody, "description": HTTP_CODES[status].replace("_", " ")}
+        for status in statuses
+    }
 
 
 class ApiError(Exception):

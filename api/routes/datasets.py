@@ -22,7 +22,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
-from api.errors import ApiError, not_found, user_error_status
+from api.errors import ApiError, error_responses, not_found, user_error_status
 from api.schemas import SAMPLE_DATASET_ID, DatasetOut, Page
 from api.uploads import read_upload
 from core.data.datasets import IMAGE_SUFFIXES
@@ -32,7 +32,7 @@ from store.blobs import BlobStore, join_key
 from store.jobs import ACTIVE_STATES
 from store.tables import Dataset, Job, new_id, utcnow
 
-router = APIRouter(prefix="/v1", tags=["datasets"])
+router = APIRouter(prefix="/v1", tags=["datasets"], responses=error_responses(401, 404, 409, 413, 422, 503))
 
 MAX_FILES = 2000
 MAX_TOTAL_BYTES = 1 << 30  # uncompressed, all images together

@@ -14,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
 from sqlalchemy import func, select, text
 
 from api.deps import Services, get_services
+from api.errors import error_responses
 from store.tables import JOB_STATES, Job
 
 router = APIRouter(tags=["health"])
@@ -101,7 +102,11 @@ def _check_storage(services: Services) -> None:
     services.blobs.exists("healthcheck/probe")
 
 
-@router.get("/readyz", summary="Readiness: database, broker and storage reachable")
+@router.get(
+    "/readyz",
+    summary="Readiness: database, broker and storage reachable",
+    responses={200: {"description": "every check passed"}, **error_responses(503)},
+)
 async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     checks: dict[str, dict[str, Any]] = {}
     for name, check in (
@@ -127,7 +132,12 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
 def metrics(services: Services = Depends(get_services)) -> Response:
     registry = services.extras["metrics"].registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

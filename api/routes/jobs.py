@@ -28,7 +28,7 @@ from api.deps import (
     get_services,
     read_session,
 )
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.routes.datasets import visible_dataset
 from api.routes.models import owned_model, stream_blob
 from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page
@@ -36,7 +36,7 @@ from core.models import PRESETS
 from store import jobs as store_jobs
 from store.tables import JOB_STATES, Artifact, Job
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
 log = logging.getLogger("srcompress.api")
 
 SSE_POLL_SECONDS = 0.5

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from torch import nn
 
 from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
-from api.errors import ApiError, not_found
+from api.errors import ApiError, error_responses, not_found
 from api.schemas import DownloadOut, ModelOut, Page, PresetOut, model_files
 from api.uploads import save_upload
 from core import __version__
@@ -27,7 +27,7 @@ from store.blobs import BlobNotFound, BlobStore, join_key
 from store.jobs import ACTIVE_STATES
 from store.tables import Job, Model, new_id, utcnow
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=error_responses(401, 404, 409, 413, 422, 503))
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 CONTENT_TYPES = {

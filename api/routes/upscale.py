@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from api.deps import Caller, Services, current_caller, get_services
-from api.errors import ApiError
+from api.errors import ApiError, error_responses
 from api.routes.models import materialize_model, owned_model
 from api.uploads import read_upload
 from core.data.images import is_16bit, normalise_format
@@ -44,7 +44,7 @@ from store.tables import Model
 
 log = logging.getLogger("srcompress.api")
 
-router = APIRouter(prefix="/v1", tags=["upscale"])
+router = APIRouter(prefix="/v1", tags=["upscale"], responses=error_responses(401, 404, 413, 422, 503))
 
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 REDUCED_PRECISION = ("bf16", "fp16")  # paths admitted within 0.05 dB on 8-bit output only
