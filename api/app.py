@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from api.deps import Services
-from api.errors import ApiError, error_response, install_error_handlers
+from api.errors import install_error_handlers
 from api.routes import datasets, health, jobs, models, upscale
+from api.uploads import BodyLimit
 from store.settings import Settings
 
 log = logging.getLogger("srcompress.api")
@@ -61,23 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+    async def request_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
         began = time.perf_counter()
         services: Services | None = getattr(request.app.state, "services", None)
-        length = request.headers.get("content-length")
-        if services is not None and length and length.isdigit():
-            limit = services.settings.max_upload_bytes + MULTIPART_SLACK_BYTES
-            if int(length) > limit:
-                # Refuse before reading the body: nothing over the limit is buffered.
-                error = ApiError(
-                    413,
-                    "payload_too_large",
-                    f"request body of {int(length):,} bytes is over the "
-                    f"{services.settings.max_upload_bytes:,}-byte upload limit",
-                )
-                response = error_response(error.status, error.code, error.message, {"limit_bytes": limit})
-                response.headers["Connection"] = "close"
-                return response
         response = await call_next(request)
         if services is not None:
             route = request.scope.get("route")
@@ -87,12 +74,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.latency.labels(template).observe(time.perf_counter() - began)
         return response
 
+    app.add_middleware(BodyLimit, limit=_body_limit)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(upscale.router)
     return app
+
+
+def _body_limit(app: FastAPI) -> int | None:
+    services: Services | None = getattr(app.state, "services", None)
+    return None if services is None else services.settings.max_upload_bytes + MULTIPART_SLACK_BYTES
 
 
 app = create_app()

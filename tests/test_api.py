@@ -11,12 +11,14 @@ import json
 import pickle
 import struct
 import threading
+import zipfile
 import zlib
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -79,7 +81,9 @@ def stack(tmp_path_factory):
             "SRCOMPRESS_UPSCALE_CONCURRENCY": "1",
             "SRCOMPRESS_UPSCALE_QUEUE": "1",
             "SRCOMPRESS_MAX_RUNNING_JOBS_PER_KEY": "2",
+            "TMPDIR": str(tmp / "spool"),  # where the server spools request bodies (checked to stay empty)
         }
+        (tmp / "spool").mkdir()
         key_a, key_b = create_key(env, "alice"), create_key(env, "bob")
         with uvicorn_server(env, free_port(), tmp / "uvicorn.log") as url:
             yield url, key_a, key_b, env
@@ -318,6 +322,100 @@ def test_dataset_upload_list_and_archive_safety(alice, bob):
 
 
 # --- upscale ------------------------------------------------------------------------------------------
+
+
+def server_process(url: str) -> psutil.Process:
+    """The uvicorn process serving `url` (a child of this test run)."""
+    port = url.rsplit(":", 1)[1]
+    for child in psutil.Process().children(recursive=True):
+        if "uvicorn" in " ".join(child.cmdline()) and port in child.cmdline():
+            return child
+    raise AssertionError(f"no uvicorn process serves {url}")
+
+
+def peak_rss_growth(process: psutil.Process, work) -> tuple[int, object]:
+    """(peak RSS during `work()` minus RSS before it, work's result), RSS sampled every 2 ms."""
+    before = process.memory_info().rss
+    peak, done = before, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        sampler.join()
+    return peak - before, result
+
+
+def zip_bomb(member_bytes: int) -> bytes:
+    """A small zip holding one image-named member of `member_bytes` zeros."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open("bomb.png", "w") as member:
+            chunk = bytes(1 << 20)
+            for _ in range(member_bytes >> 20):
+                member.write(chunk)
+    return buffer.getvalue()
+
+
+def lying_zip(real_bytes: int, declared: int) -> bytes:
+    """A zip whose headers say its member holds `declared` bytes while `real_bytes` are stored."""
+    data = bytearray(zip_bomb(real_bytes))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        size_field = data.index(signature) + offset
+        data[size_field : size_field + 4] = struct.pack("<I", declared)
+    return bytes(data)
+
+
+def test_archive_bombs_and_chunked_uploads_keep_memory_and_disk_flat(stack, alice):
+    """A 300 MiB member in a small zip and a zip whose header lies about its size are refused with the
+    API's memory growing less than 100 MB; a chunked over-limit body is cut off with 413."""
+    url, _, _, env = stack
+    process = server_process(url)
+    before = alice.get("/v1/datasets").json()["total"]
+    bomb = zip_bomb(300 << 20)
+    assert len(bomb) < MAX_UPLOAD
+    growth, response = peak_rss_growth(
+        process, lambda: alice.post("/v1/datasets", files={"file": ("b.zip", bomb)})
+    )
+    error = assert_error(response, 413)
+    print(f"zip bomb ({len(bomb):,} bytes): {error['code']}, API RSS +{growth / 2**20:.1f} MiB")
+    assert growth < 100 * 2**20
+    liar = lying_zip(300 << 20, declared=1000)
+    growth, response = peak_rss_growth(
+        process, lambda: alice.post("/v1/datasets", files={"file": ("l.zip", liar)})
+    )
+    assert_error(response, 422, "invalid_archive")
+    print(f"lying zip: API RSS +{growth / 2**20:.1f} MiB")
+    assert growth < 100 * 2**20
+    assert alice.get("/v1/datasets").json()["total"] == before
+
+    def chunks():  # no Content-Length: the server learns the size only as the bytes arrive
+        for _ in range(MAX_UPLOAD // (256 << 10) + 8):
+            yield bytes(256 << 10)
+
+    boundary = "fuzzboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.pth"\r\n\r\n'.encode()
+
+    def body():
+        yield head
+        yield from chunks()
+
+    spool = Path(env["TMPDIR"])
+    listed_before = sorted(spool.iterdir())
+    response = alice.post(
+        "/v1/models", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert_error(response, 413, "payload_too_large")
+    assert sorted(spool.iterdir()) == listed_before
+    assert alice.get("/v1/models").status_code == 200  # the server is fine afterwards
 
 
 def test_upscale_formats_and_limits(alice, bob, rlfn_model):

@@ -1,19 +1,10 @@
-"""Datasets: zip/tar uploads of images with safe extraction, list/show/delete; ``sample`` always there.
-
-Archives are never extracted with extractall. Each member is checked first: no absolute paths, no
-``..``, no links or devices, at most MAX_FILES images and MAX_TOTAL_BYTES uncompressed, and every image
-is decoded (pixel limit included) before anything is stored. Images are flattened to their base names
-(core reads the images directly inside a folder). Hidden files and macOS ``__MACOSX`` entries are
-skipped; any other non-image file is refused, so a wrong archive is caught instead of silently emptied.
-"""
+"""Datasets: zip/tar uploads of images (extracted safely by api.archives), list/show/delete; the
+built-in ``sample`` set is always there."""
 
 from __future__ import annotations
 
-import io
-import tarfile
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
@@ -21,128 +12,16 @@ from fastapi.responses import Response
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from api.archives import extract_images
 from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
-from api.errors import ApiError, error_responses, not_found, user_error_status
+from api.errors import ApiError, error_responses, not_found
 from api.schemas import SAMPLE_DATASET_ID, DatasetOut, Page
 from api.uploads import read_upload
-from core.data.datasets import IMAGE_SUFFIXES
-from core.data.images import read_image
-from core.errors import ImageError
 from store.blobs import BlobStore, join_key
 from store.jobs import ACTIVE_STATES
 from store.tables import Dataset, Job, new_id, utcnow
 
 router = APIRouter(prefix="/v1", tags=["datasets"], responses=error_responses(401, 404, 409, 413, 422, 503))
-
-MAX_FILES = 2000
-MAX_TOTAL_BYTES = 1 << 30  # uncompressed, all images together
-MAX_NAME_LENGTH = 200
-
-
-class UnsafeArchive(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(422, "unsafe_archive", message)
-
-
-def _check_member_name(name: str) -> str | None:
-    """The image's base name, None to skip the member; raises UnsafeArchive for dangerous paths."""
-    if "\\" in name or "\x00" in name:
-        raise UnsafeArchive(f"archive member {name!r} has a backslash or NUL in its path")
-    path = PurePosixPath(name)
-    if path.is_absolute() or (path.parts and len(path.parts[0]) >= 2 and path.parts[0][1] == ":"):
-        raise UnsafeArchive(f"archive member {name!r} has an absolute path")
-    if ".." in path.parts:
-        raise UnsafeArchive(f"archive member {name!r} points outside the archive ('..')")
-    if any(part.startswith(".") or part == "__MACOSX" for part in path.parts):
-        return None
-    base = path.name
-    if Path(base).suffix.lower() not in IMAGE_SUFFIXES:
-        raise ApiError(
-            422,
-            "not_an_image",
-            f"archive member {name!r} is not an image ({', '.join(sorted(IMAGE_SUFFIXES))})",
-        )
-    if len(base) > MAX_NAME_LENGTH:
-        raise ApiError(422, "bad_name", f"archive member name {base[:40]!r}... is too long")
-    return base
-
-
-def _zip_members(data: bytes) -> Iterator[tuple[str, int, Any]]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        for info in archive.infolist():
-            if info.is_dir():
-                continue
-            mode = (info.external_attr >> 16) & 0o170000
-            if mode == 0o120000:  # S_IFLNK: a symlink stored by Info-ZIP
-                raise UnsafeArchive(f"archive member {info.filename!r} is a symbolic link")
-            if mode not in (0, 0o100000):
-                raise UnsafeArchive(f"archive member {info.filename!r} is not a regular file")
-            yield info.filename, info.file_size, lambda info=info: archive.read(info)
-
-
-def _tar_members(data: bytes) -> Iterator[tuple[str, int, Any]]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
-        for member in archive:
-            if member.isdir():
-                continue
-            if member.issym() or member.islnk():
-                raise UnsafeArchive(f"archive member {member.name!r} is a link")
-            if not member.isfile():
-                raise UnsafeArchive(f"archive member {member.name!r} is not a regular file")
-
-            def read(member: tarfile.TarInfo = member) -> bytes:
-                handle = archive.extractfile(member)
-                assert handle is not None  # regular file
-                return handle.read()
-
-            yield member.name, member.size, read
-
-
-def _members(data: bytes) -> Iterator[tuple[str, int, Any]]:
-    if zipfile.is_zipfile(io.BytesIO(data)):
-        return _zip_members(data)
-    try:
-        tarfile.open(fileobj=io.BytesIO(data), mode="r:*").close()
-    except (tarfile.TarError, OSError, EOFError):
-        raise ApiError(422, "invalid_archive", "the upload is not a zip or tar archive") from None
-    return _tar_members(data)
-
-
-def extract_images(data: bytes, max_pixels: int) -> dict[str, bytes]:
-    """Checked images of an archive by base name; every member is validated before any is returned."""
-    images: dict[str, bytes] = {}
-    total = 0
-    try:
-        for name, size, read in _members(data):
-            base = _check_member_name(name)
-            if base is None:
-                continue
-            if base in images:
-                raise ApiError(
-                    422, "duplicate_name", f"two images are named {base!r} (folders are flattened)"
-                )
-            if len(images) >= MAX_FILES:
-                raise ApiError(413, "too_many_files", f"the archive holds more than {MAX_FILES} images")
-            total += size
-            if total > MAX_TOTAL_BYTES:
-                raise ApiError(
-                    413, "archive_too_large", f"the images are over {MAX_TOTAL_BYTES:,} bytes uncompressed"
-                )
-            content = read()
-            if len(content) != size:  # a header lying about the size must not slip past the limits
-                raise UnsafeArchive(f"archive member {name!r} is not the size its header states")
-            try:
-                read_image(content, max_pixels=max_pixels)
-            except ImageError as error:
-                status, code = user_error_status(error)
-                raise ApiError(status, code, f"archive member {name!r}: {error}") from None
-            images[base] = content
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as error:
-        raise ApiError(422, "invalid_archive", f"the archive is corrupt: {error}") from None
-    if not images:
-        raise ApiError(422, "no_images", "the archive holds no images")
-    return images
-
 
 # --- sample -------------------------------------------------------------------------------------------
 
@@ -198,9 +77,9 @@ def dataset_in_use(session: Session, dataset_id: str) -> bool:
     return any(dataset_id in (ids or []) for ids in rows)
 
 
-def store_images(blobs: BlobStore, prefix: str, images: dict[str, bytes]) -> None:
-    for name, content in images.items():
-        blobs.put_bytes(join_key(prefix, name), content)
+def store_images(blobs: BlobStore, prefix: str, images: dict[str, Path]) -> None:
+    for name, path in images.items():
+        blobs.put_file(join_key(prefix, name), path)
 
 
 # --- routes -------------------------------------------------------------------------------------------
@@ -215,7 +94,18 @@ def upload_dataset(
     caller: Caller = Depends(current_caller),
 ) -> Any:
     data = read_upload(file, services.settings.max_upload_bytes)
-    images = extract_images(data, services.settings.max_pixels)
+    with tempfile.TemporaryDirectory(prefix="srcompress-dataset-") as tmp:
+        images = extract_images(data, services.settings.max_pixels, Path(tmp))
+        return _store_dataset(services, caller, images, name or _name_of(file), kind)
+
+
+def _name_of(file: UploadFile) -> str:
+    return Path(file.filename or "dataset").name.split(".")[0] or "dataset"
+
+
+def _store_dataset(
+    services: Services, caller: Caller, images: dict[str, Path], name: str, kind: str
+) -> DatasetOut:
     dataset_id = new_id()
     prefix = join_key("datasets", dataset_id)
     try:
@@ -223,10 +113,10 @@ def upload_dataset(
         row = Dataset(
             id=dataset_id,
             owner_key_id=caller.key_id,
-            name=name or Path(file.filename or "dataset").name.split(".")[0] or "dataset",
+            name=name,
             kind=kind,
             image_count=len(images),
-            total_bytes=sum(len(content) for content in images.values()),
+            total_bytes=sum(path.stat().st_size for path in images.values()),
             blob_prefix=prefix + "/",
             created_at=utcnow(),
         )
