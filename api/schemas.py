@@ -189,6 +189,9 @@ class EventOut(BaseModel):
     seq: int
     state: str
     stage: str | None
+    attempt: int = Field(
+        description="the job's attempt (1, 2, ... after a lost worker) this event belongs to"
+    )
     fraction: float | None
     metrics: dict[str, Any] | None
     message: str | None
@@ -201,6 +204,7 @@ class EventOut(BaseModel):
             seq=row.seq,
             state=row.state,
             stage=row.stage,
+            attempt=row.attempt,
             fraction=row.fraction,
             metrics=row.metrics,
             message=row.message,

@@ -269,6 +269,16 @@ class _State:
         tmp.replace(self.path)
 
 
+def resume_point(workdir: Path) -> dict[str, str | int]:
+    """Where a run in `workdir` continues: its first unfinished stage and that stage's checkpoint
+    iteration (0 when the stage has not saved one)."""
+    state = _State(Path(workdir) / "state.json")
+    stage = next((s for s in STAGES if not state.done(s)), STAGES[-1])
+    checkpoint = {"pruning": "prune.pt", "distilling": "distilling.pt"}.get(stage)
+    saved = load_checkpoint_state(Path(workdir) / checkpoint) if checkpoint else None
+    return {"stage": stage, "iteration": int(saved["iteration"]) if saved else 0}
+
+
 # --- helpers ------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """The job state machine, worker leases and the job event log.
 
-States: ``queued`` -> running stages (``pruning``, ``compressing``, ``distilling``, ``evaluating``,
-``exporting``) -> ``succeeded`` | ``failed`` | ``canceled``.
+States: ``queued`` -> ``preparing`` (a worker claimed it and fetches its inputs) -> running stages
+(``pruning``, ``compressing``, ``distilling``, ``evaluating``, ``exporting``) -> ``succeeded`` |
+``failed`` | ``canceled``.
 
 - Running stages only move forward, but may skip (a config can leave a stage out; a resumed job
   re-enters at the stage of its last checkpoint, so ``queued`` may go to any running stage).
@@ -13,12 +14,13 @@ Leases. A worker ``claim``s a queued job (atomically: one UPDATE ... WHERE unlea
 exactly one wins), renews it with ``heartbeat`` every few seconds and passes its ``worker_id`` to
 ``transition``/``report_progress`` so that a worker that lost its lease cannot write. ``reap_expired``
 re-queues jobs whose lease ran out, or fails them with error code ``worker_lost`` once they have been
-started ``max_attempts`` times (``attempts`` counts claims). ``claim`` does not change the state: the
-worker's next ``transition`` takes the job out of ``queued``; until then it is ``queued`` with a lease.
+started ``max_attempts`` times (``attempts`` counts claims). ``claim`` moves the job to ``preparing``
+at once, so a client sees within a second that a worker took it.
 
-Every state change and progress report appends a ``JobEvent`` (seq 1, 2, ... per job). Rows are locked
-(``SELECT ... FOR UPDATE``) before they are changed on Postgres; on SQLite the whole transaction holds
-the database's write lock (store.db), which serializes writers just as well.
+Every state change and progress report appends a ``JobEvent`` (seq 1, 2, ... per job) carrying the
+attempt it belongs to; a worker that continues a re-queued job says where it resumed (``resumed``).
+Rows are locked (``SELECT ... FOR UPDATE``) before they are changed on Postgres; on SQLite the whole
+transaction holds the database's write lock (store.db), which serializes writers just as well.
 
 Functions flush but never commit: the caller owns the transaction. ``now`` defaults to the current UTC
 time and exists so that tests can move the clock.
@@ -37,7 +39,8 @@ from sqlalchemy.orm import Session
 from core.errors import UserError
 from store.tables import Job, JobEvent, utcnow
 
-RUNNING_STATES = ("pruning", "compressing", "distilling", "evaluating", "exporting")
+STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")  # core's pipeline stages
+RUNNING_STATES = ("preparing", *STAGES)
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 ACTIVE_STATES = ("queued", *RUNNING_STATES)  # not finished
 WORKER_LOST = "worker_lost"
@@ -122,6 +125,7 @@ def append_event(
         seq=(last_seq or 0) + 1,
         state=job.state,
         stage=job.stage,
+        attempt=max(job.attempts, 1),
         fraction=fraction,
         metrics=metrics,
         message=message,
@@ -281,10 +285,12 @@ def report_progress(
 def claim(
     session: Session, job_id: str, worker_id: str, lease_seconds: float, *, now: datetime | None = None
 ) -> bool:
-    """Take the lease of a queued, unleased job; True if this worker got it (then attempts += 1).
+    """Take the lease of a queued, unleased job and move it to ``preparing``; True if this worker got it
+    (then attempts += 1).
 
     One atomic UPDATE ... WHERE: under concurrency the database lets exactly one claimant match the
-    row. A lease that has expired but was not reaped yet may be taken over too.
+    row. (A queued job holds no lease: claiming moves it out of queued in the same transaction, and
+    every way back to queued clears the lease.)
     """
     now = _now(now)
     stmt = (
@@ -293,7 +299,7 @@ def claim(
             Job.id == job_id,
             Job.state == "queued",
             Job.cancel_requested.is_(False),
-            (Job.lease_owner.is_(None)) | (Job.lease_expires_at < now),
+            Job.lease_owner.is_(None),
         )
         .values(
             lease_owner=worker_id,
@@ -305,8 +311,21 @@ def claim(
     )
     claimed = session.execute(stmt).rowcount == 1
     if claimed:
-        lock_job(session, job_id)  # refresh any instance the caller holds
+        job = lock_job(session, job_id)  # refresh any instance the caller holds
+        assert job is not None
+        transition(session, job, "preparing", worker_id=worker_id, now=now, message=f"claimed by {worker_id}")
     return claimed
+
+
+def record_resumed(
+    session: Session, job_id: str, worker_id: str, resumed_from: dict[str, Any], now: datetime | None = None
+) -> JobEvent:
+    """The event that says a re-queued job continues, and from where (stage, iteration)."""
+    job = _require_job(session, job_id)
+    _check_lease(job, worker_id)
+    where = ", ".join(f"{k} {v}" for k, v in resumed_from.items())
+    message = f"resumed: attempt {job.attempts} continues at {where}"
+    return append_event(session, job, now=now, metrics={"resumed_from": resumed_from}, message=message)
 
 
 def claim_next(
@@ -408,13 +427,6 @@ def requeue(session: Session, job: Job | str, max_attempts: int, *, now: datetim
             error_message=f"the worker stopped responding {job.attempts} times (max_attempts {max_attempts})",
             message="worker lost; no attempts left",
         )
-    if job.state == "queued":  # claimed but never started a stage
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.updated_at = _now(now)
-        session.flush()
-        append_event(session, job, now=now, fraction=job.progress, message="worker lost; re-queued")
-        return job
     return transition(session, job, "queued", now=now, message="worker lost; re-queued")
 
 

@@ -44,6 +44,7 @@ NAMING_CONVENTION = {
 
 JOB_STATES = (
     "queued",
+    "preparing",
     "pruning",
     "compressing",
     "distilling",
@@ -196,6 +197,7 @@ class JobEvent(Base):
     seq: Mapped[int] = mapped_column(Integer)  # 1, 2, ... within the job
     state: Mapped[str] = mapped_column(String(16))
     stage: Mapped[str | None] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # the job's attempt
     fraction: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any] | None] = mapped_column()
     message: Mapped[str | None] = mapped_column(Text)

@@ -355,8 +355,19 @@ def test_cancel_and_killed_worker_through_http(tmp_path):
             requeued = next(i for i, e in enumerate(events) if e["message"] == "worker lost; re-queued")
             before, after = distill_iterations(events[:requeued]), distill_iterations(events[requeued:])
             print("distill iterations before the kill:", before[-3:], "after:", after[:3], "...")
-            # Resumed from a stored checkpoint (a multiple of 20 past 0), not from iteration 0.
+            # Resumed from a stored checkpoint (a multiple of 20 past 0), not from iteration 0, and the
+            # events say so: every event of the second attempt carries attempt 2, one says where it resumed.
             assert after and after[0] > 20
+            assert {e["attempt"] for e in events[:requeued]} == {1}
+            assert {e["attempt"] for e in events[requeued + 1 :]} == {2}
+            resumed = [e for e in events if (e["metrics"] or {}).get("resumed_from")]
+            assert len(resumed) == 1 and resumed[0]["message"].startswith("resumed: attempt 2 continues at")
+            point = resumed[0]["metrics"]["resumed_from"]
+            assert (
+                point["stage"] == "distilling"
+                and point["iteration"] % 20 == 0
+                and after[0] > point["iteration"]
+            )
             report = client.get(f"/v1/jobs/{job_id}/report").json()
             assert report["distill"]["iterations"] == 600
             assert client.get(f"/v1/models/{job['result_model_id']}").status_code == 200

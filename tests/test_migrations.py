@@ -54,7 +54,7 @@ def table_names(url: str) -> set[str]:
 def check_upgrade_downgrade(url: str, env: dict[str, str] | None = None, x_url: bool = True) -> None:
     args = ["-x", f"db_url={url}"] if x_url else []
     output = alembic_cli(*args, "upgrade", "head", env=env)
-    assert "Running upgrade  -> 0001" in output
+    assert "Running upgrade  -> 0001" in output and "Running upgrade 0001 -> 0002" in output
     assert table_names(url) == TABLES
     assert schema_diff(url) == []  # what autogenerate would write next: nothing
     alembic_cli(*args, "downgrade", "base", env=env)
@@ -65,8 +65,8 @@ def check_upgrade_downgrade(url: str, env: dict[str, str] | None = None, x_url: 
 
 def test_one_linear_history():
     scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert scripts.get_heads() == ["0001"]
-    assert [rev.revision for rev in scripts.walk_revisions()] == ["0001"]
+    assert scripts.get_heads() == ["0002"]
+    assert [rev.revision for rev in scripts.walk_revisions()] == ["0002", "0001"]
 
 
 def test_upgrade_head_on_sqlite_from_settings(tmp_path):

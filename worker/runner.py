@@ -276,7 +276,12 @@ class JobRunner:
         try:
             restored = mirror.restore()
             if restored:
-                log.info("job %s: resuming from %d stored work files", job_id, restored)
+                from core.pipeline import resume_point
+
+                where = resume_point(mirror.local_dir)
+                log.info("job %s: resuming at %s from %d stored work files", job_id, where, restored)
+                with self.sessions.begin() as session:
+                    jobs.record_resumed(session, job_id, self.worker_id, where)
             config = self._job_config(job_id, job_dir / "inputs")
             state = _RunState()
 
