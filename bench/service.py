@@ -2,7 +2,9 @@
 
 1. /upscale: N requests (default 200) of a 256x256 PNG through an rlfn_s x2 model from C concurrent
    clients (default 8); reports throughput, p50/p95 latency and how many got 503 (and were retried).
-2. jobs (with --jobs N): N tiny compression jobs submitted at once; with --kill-worker-pid the given
+2. jobs (with --jobs N): first one job on the idle worker — how long from submit until it leaves
+   `queued` (target <= 2 s) and from there to its first training step — then N tiny compression
+   jobs submitted at once; with --kill-worker-pid the given
    worker is killed (SIGKILL) when the first job starts running and --restart-worker (a shell command)
    starts a replacement; waits until every job finished and reports how many succeeded and the wall
    time. The server needs SRCOMPRESS_MAX_RUNNING_JOBS_PER_KEY >= N and a short lease to recover fast.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import signal
 import statistics
@@ -23,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -145,6 +149,34 @@ def bench_jobs(
     }
 
 
+def bench_job_start(client: httpx.Client, model_id: str) -> dict:
+    """One job on an idle worker: submit -> it leaves `queued`, and from there -> its first training
+    step (the first progress event with an iteration), from the job's own event timestamps."""
+    body = {"model": "rlfn_s", "scale": 2, "teacher_model_id": model_id, "prune_iters": 2,
+            "distill_iters": 2, "batch_size": 2, "patch_size": 16}  # fmt: skip
+    job = client.post("/v1/jobs", json=body).json()
+    while client.get(f"/v1/jobs/{job['id']}").json()["state"] not in ("succeeded", "failed", "canceled"):
+        time.sleep(1)
+    events = [
+        json.loads(line[6:])
+        for line in client.get(f"/v1/jobs/{job['id']}/events", params={"follow": "false"}).text.splitlines()
+        if line.startswith("data: {") and '"seq"' in line
+    ]
+    at = {name: datetime.fromisoformat(e["created_at"]) for name, e in _firsts(events).items()}
+    return {
+        "submit_to_leaving_queued_s": round((at["left_queued"] - at["created"]).total_seconds(), 2),
+        "leaving_queued_to_first_step_s": round((at["first_step"] - at["left_queued"]).total_seconds(), 2),
+    }
+
+
+def _firsts(events: list[dict]) -> dict[str, dict]:
+    return {
+        "created": events[0],
+        "left_queued": next(e for e in events if e["state"] != "queued"),
+        "first_step": next(e for e in events if "iteration" in (e["metrics"] or {})),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -170,6 +202,7 @@ def main() -> int:
             flush=True,
         )
         if args.jobs:
+            print("job start on an idle worker:", bench_job_start(client, model_id), flush=True)
             print("jobs:", bench_jobs(client, model_id, args.jobs, args.kill_worker_pid, args.restart_worker))
     return 0
 
