@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,17 +181,17 @@ def check_cancel(should_cancel: CancelFn) -> None:
 MEASURE_ITERATION = 10**12
 
 
-def seconds_per_step(step: Callable[[int], None], steps: int = 3) -> float:
-    """Median wall time of `step(k)` over `steps` calls after one warm-up call. The torch RNG is
-    restored afterwards, so measuring changes nothing that the run itself draws (resume stays exact)."""
-    times = []
+def seconds_per_step(step: Callable[[int], None], steps: int = 10, warmup: int = 2) -> float:
+    """Mean wall time of `step(k)` over `steps` calls after `warmup` calls (the mean, not the median:
+    a run pays for its occasional slow steps too). The torch RNG is restored afterwards, so measuring
+    changes nothing that the run itself draws (resume stays exact)."""
     with torch.random.fork_rng():
-        for k in range(steps + 1):
-            began = time.perf_counter()
+        for k in range(warmup):
             step(MEASURE_ITERATION + k)
-            if k:
-                times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        began = time.perf_counter()
+        for k in range(warmup, warmup + steps):
+            step(MEASURE_ITERATION + k)
+        return (time.perf_counter() - began) / steps
 
 
 @dataclass

@@ -183,17 +183,23 @@ def measure_distill_step(
     config: DistillConfig,
     device: torch.device,
 ) -> float:
-    """Seconds per distillation step on this machine, on throwaway copies of the student and optimizer."""
+    """Seconds per distillation step on this machine (the step and its EMA update, as the loop runs
+    them), on throwaway copies of the student, its average and the optimizer."""
     student = copy.deepcopy(student).to(device, memory_format=CHANNELS_LAST).train()
+    ema = EMA(student, config.ema_decay)
     optimizer = make_optimizer(student, config)
     scaler = torch.amp.GradScaler(
         device.type, enabled=resolve_precision(config.precision, device).needs_grad_scaler
     )
     if teacher is not None:
         teacher = teacher.to(device, memory_format=CHANNELS_LAST).eval().requires_grad_(False)
-    return seconds_per_step(
-        lambda k: train_step(student, teacher, optimizer, scaler, data, k, targets, config, device)
-    )
+
+    def step(k: int) -> None:
+        parts = train_step(student, teacher, optimizer, scaler, data, k, targets, config, device)
+        float(parts.total.detach())
+        ema.update(student, 1)
+
+    return seconds_per_step(step)
 
 
 def run_distill(

@@ -134,7 +134,7 @@ def measure_prune_step(
     model = copy.deepcopy(teacher).to(device, memory_format=CHANNELS_LAST).train()
     optimizer, _ = make_optimizer(model, data, config)
     return seconds_per_step(
-        lambda k: prune_step(model, optimizer, data, k, device, config.charbonnier_eps), steps=2
+        lambda k: prune_step(model, optimizer, data, k, device, config.charbonnier_eps), steps=3, warmup=1
     )
 
 
