@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_helpers import unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SRCOMPRESS_SHARED", REPO.parent / "shared"))
 
@@ -24,10 +26,7 @@ def own_cache(tmp_path_factory):
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        message = f"needs {path} (the shared data/weights beside the repository)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; under CI=true a missing shared file is a failure")
-        pytest.skip(message)
+        unavailable(f"needs {path} (the shared data/weights beside the repository)")
     return path
 
 

@@ -12,13 +12,21 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def unavailable(reason: str) -> NoReturn:
+    """A test's service or data is missing: skip, or fail under CI=true (where everything must run)."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + " (under CI=true a missing service or shared file is a failure)")
+    pytest.skip(reason)
 
 
 def png_bytes(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:

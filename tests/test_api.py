@@ -33,12 +33,13 @@ from tests.service_helpers import (
     parse_sse,
     png_bytes,
     tar_bytes,
+    unavailable,
     uvicorn_server,
     wait_for,
     zip_bytes,
 )
 
-pytestmark = pytest.mark.service
+pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own: the test flushes it
 MAX_UPLOAD = 2 * 1024 * 1024
@@ -51,7 +52,7 @@ def _redis_or_skip() -> None:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except Exception as error:
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {error}")
+        unavailable(f"Redis at {REDIS_URL} unreachable: {error}")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def stack(tmp_path_factory):
     """(base_url, key_a, key_b, env) of an API on Postgres + Redis + moto S3."""
     reason = postgres_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     _redis_or_skip()
     import redis
 

@@ -14,6 +14,9 @@ import yaml
 
 from store.settings import Settings
 from store.testing import free_port, postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import unavailable
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]  # needs PostgreSQL/Redis/S3 or starts processes
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -91,10 +94,9 @@ def test_stack_script_uses_the_same_settings_names_as_compose(compose):
 
 def test_stack_script_starts_and_stops_the_topology(tmp_path):
     """start → the API answers /healthz, a worker is ready, the env is printed; stop → all gone."""
-    pytest.importorskip("api.app", reason="the API (api/app.py) is not written yet")
     reason = postgres_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     with throwaway_postgres_database() as database_url:
         api_port = free_port()
         env = {

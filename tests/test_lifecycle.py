@@ -8,7 +8,6 @@ submit → progress events (SSE) → succeeded → report/artifacts → download
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from tests.service_helpers import (
     parse_sse,
     png_bytes,
     stop,
+    unavailable,
     uvicorn_server,
     wait_for,
     wait_until_healthy,
@@ -44,13 +44,10 @@ from tests.service_helpers import (
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
 REDIS_URL = "redis://127.0.0.1:6379/14"
-WORKER_MISSING = importlib.util.find_spec("worker.app") is None
 JOB_TIMEOUT_S = 420
 
 
 def test_api_sends_the_task_the_worker_consumes():
-    if WORKER_MISSING:
-        pytest.skip("worker/ is not written yet")
     from api.deps import TASK_NAME, TASK_QUEUE
     from worker.app import JOBS_QUEUE, RUN_JOB_TASK
 
@@ -76,13 +73,13 @@ def production_services(tmp: Path, **settings: str):
     """Postgres (a throwaway database), Redis and moto S3; yields the SRCOMPRESS_* environment."""
     reason = postgres_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     import redis
 
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()
     except Exception as error:
-        pytest.skip(f"Redis at {REDIS_URL} unreachable: {error}")
+        unavailable(f"Redis at {REDIS_URL} unreachable: {error}")
     with throwaway_postgres_database() as database_url, moto_s3_server() as s3_url:
         migrate(database_url)
         yield {
@@ -151,7 +148,6 @@ def follow_events(client: httpx.Client, job_id: str) -> list[dict]:
     raise AssertionError(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s; events: {events[-5:]}")
 
 
-@pytest.mark.skipif(WORKER_MISSING, reason="worker/ (celery -A worker.app) is not written yet")
 @pytest.mark.parametrize("topology", ["production", "embedded"])
 def test_job_lifecycle(topology, tmp_path):
     make_stack = production_stack if topology == "production" else embedded_stack
@@ -278,7 +274,6 @@ def distill_iterations(events: list[dict]) -> list[int]:
     ]
 
 
-@pytest.mark.skipif(WORKER_MISSING, reason="worker/ (celery -A worker.app) is not written yet")
 def test_cancel_and_killed_worker_through_http(tmp_path):
     """On the production topology, driven by HTTP: cancel stops a running job within seconds and frees
     its worker; a worker SIGKILLed mid-distillation loses nothing: the reaper re-queues its job, which

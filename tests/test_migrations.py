@@ -14,6 +14,9 @@ from sqlalchemy import inspect
 from store.db import alembic_config, make_engine, migrate
 from store.tables import Base
 from store.testing import postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import unavailable
+
+pytestmark = [pytest.mark.service]  # needs PostgreSQL/Redis/S3 or starts processes
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = {"alembic_version", "api_keys", "models", "datasets", "jobs", "job_events", "artifacts"}
@@ -78,7 +81,7 @@ def test_upgrade_head_on_sqlite_from_settings(tmp_path):
 def test_upgrade_head_on_postgres():
     reason = postgres_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     with throwaway_postgres_database() as url:
         check_upgrade_downgrade(url)
 

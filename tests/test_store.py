@@ -14,6 +14,9 @@ from store.db import init_db, make_engine, read_session_factory, session_factory
 from store.settings import Settings
 from store.tables import Base, Job, JobEvent, Model
 from store.testing import postgres_unavailable_reason, throwaway_postgres_database
+from tests.service_helpers import unavailable
+
+pytestmark = [pytest.mark.service]  # needs PostgreSQL/Redis/S3 or starts processes
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 LEASE = 60
@@ -26,7 +29,7 @@ LEASE = 60
 def postgres_url():
     reason = postgres_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     with throwaway_postgres_database() as url:
         engine = make_engine(url)
         init_db(engine)
