@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from core.compress.stage import CompressConfig, CompressResult, run_compress
@@ -42,6 +42,7 @@ from core.losses import DISTILL_LOSSES, loss_needs_teacher
 from core.models import (
     PRESETS,
     build_model,
+    describe_validation_error,
     load_checkpoint,
     load_model,
     parse_config,
@@ -137,6 +138,14 @@ class JobParams(BaseModel):
             )
         if self.model not in PRESETS:
             raise ValueError(f"unknown preset {self.model!r}; choose one of: {', '.join(PRESETS)}")
+        if self.student is not None:
+            if min(self.student) < 1:
+                raise ValueError(f"student (nc, nl, nb) must be positive, got {self.student}")
+            try:  # e.g. a SwinIR width that is not a multiple of its attention heads
+                preset_config(self.model, self.scale).with_triple(*self.student)
+            except (UserError, ValidationError) as error:
+                why = describe_validation_error(error) if isinstance(error, ValidationError) else error
+                raise ValueError(f"student {self.student} does not fit {self.model}: {why}") from None
         if self.student_preset is not None:
             if self.student_preset not in PRESETS:
                 raise ValueError(

@@ -130,6 +130,8 @@ def test_a_student_of_another_family_starts_from_scratch():
         ({"seed": 2**64}, "less than"),
         ({"distill_loss": "mse"}, "pixel_hf"),
         ({"device": "tpu"}, "unknown device"),
+        ({"student": (20, 0, 4)}, "must be positive"),
+        ({"model": "swinir_lightweight", "student": (25, 4, 3)}, "multiple of the 6 attention heads"),
     ],
 )
 def test_bad_job_parameters_are_refused(fields, message):

@@ -19,7 +19,14 @@ from core.models.config import (
     SwinIRConfig,
     parse_config,
 )
-from core.models.registry import PRESETS, build_model, create_model, deep_feature_weights, preset_config
+from core.models.registry import (
+    PRESETS,
+    build_model,
+    create_model,
+    deep_feature_weights,
+    describe_validation_error,
+    preset_config,
+)
 
 __all__ = [
     "FAMILIES",
@@ -35,6 +42,7 @@ __all__ = [
     "build_model",
     "create_model",
     "deep_feature_weights",
+    "describe_validation_error",
     "detect_config",
     "load_checkpoint",
     "load_model",
