@@ -334,6 +334,7 @@ def test_cancel_stops_the_running_job_and_the_worker_takes_the_next(workers: Sta
     stack.start_worker("w-cancel")
     long_job = submit(stack, inputs, distill_iters=100_000)
     bad_job = submit(stack, inputs, teacher="wrong")  # queued behind the long one
+    diverging_job = submit(stack, inputs, distill_lr=1e6)  # finite, absurd: its loss becomes NaN
     stack.wait_state(long_job, ("distilling",), 120)
     assert stack.job(bad_job).state == "queued"
 
@@ -353,6 +354,12 @@ def test_cancel_stops_the_running_job_and_the_worker_takes_the_next(workers: Sta
     print("next job:", job.state, job.error_code, job.error_message)
     assert (job.state, job.error_code) == ("failed", "invalid_input")
     assert job.error_message and "\n" not in job.error_message
+
+    # A loss that stops being finite fails the job as `diverged`, says where, and registers no model.
+    job = stack.wait_state(diverging_job, ("failed", "succeeded", "canceled"), 120)
+    print("diverging job:", job.state, job.error_code, job.error_message)
+    assert (job.state, job.error_code, job.result_model_id) == ("failed", "diverged", None)
+    assert "at iteration" in job.error_message and "last finite loss" in job.error_message
 
 
 def test_killed_worker_job_is_requeued_and_resumes_from_its_stored_checkpoint(workers: Stack, inputs):
