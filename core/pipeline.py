@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
@@ -34,6 +35,7 @@ from core.distill.stage import (
     measure_distill_step,
     run_distill,
     teacher_outputs,
+    with_ground_truth,
 )
 from core.errors import UserError
 from core.evaluate import evaluate_dataset
@@ -455,12 +457,23 @@ def run_pipeline(
                 teacher_cache=config.teacher_cache,
                 checkpoint_every=config.checkpoint_every,
             )
-            targets = None
-            if config.teacher_cache and loss_needs_teacher(recipe.loss):
-                on_progress("distilling", 0.0, {"phase": "teacher labelling"})
-                targets = teacher_outputs(teacher, train, device)
-            validations = recipe.validations if holdout else 0
+            targets, labelled = None, None
             plan = state.plan
+            if config.teacher_cache and loss_needs_teacher(recipe.loss):
+                # Under a budget the teacher labels images (in a seeded order) for at most its share
+                # of the budget; a resumed run labels the same ones, as recorded in the plan.
+                on_progress("distilling", 0.0, {"phase": "teacher labelling"})
+                order = np.random.default_rng([config.seed, 11]).permutation(len(train)).tolist()
+                if plan is not None and plan.labelled_images is not None:
+                    outputs = teacher_outputs(teacher, train, device, order[: plan.labelled_images])
+                else:
+                    share = recipe.labelling_share if plan is not None else None
+                    seconds = share * plan.budget_seconds if share is not None else None
+                    outputs = teacher_outputs(teacher, train, device, order, seconds)
+                labelled = sum(out is not None for out in outputs)
+                log.info("teacher labelled %d of %d training images", labelled, len(train))
+                targets = with_ground_truth(train, outputs)
+            validations = recipe.validations if holdout else 0
             if plan is not None and plan.distill_iters == 0:
                 state.plan = plan = plan.plan_distill(
                     spent_seconds=sum(state.data["seconds"].values()) + time.perf_counter() - began,
@@ -473,6 +486,7 @@ def run_pipeline(
                         else 0.0
                     ),
                     validations=validations,
+                    labelled_images=labelled,
                 )
                 log.info("budget plan (distillation): %s", plan.model_dump_json())
             iterations = plan.distill_iters if plan is not None else recipe.distill_iters

@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from core.data.datasets import holdout_split
+from core.data.datasets import TrainImages, holdout_split
 from core.data.sample import sample_dir
 from core.distill.recipe import RECIPES
 from core.distill.schedule import (
@@ -29,7 +29,9 @@ from core.distill.schedule import (
     plan_pruning,
     validate_every_for,
 )
+from core.distill.stage import teacher_outputs, with_ground_truth
 from core.errors import Canceled
+from core.models import load_checkpoint
 from core.pipeline import JobConfig, JobParams, run_pipeline
 from core.training import resolve_precision
 
@@ -229,6 +231,21 @@ def test_a_budgeted_job_resolves_to_fast_and_reports_the_gap(tmp_path, shared_we
     assert stored["recipe"]["loss"] == "pixel_hf" and stored["budget"]["distill_iters"] == plan.distill_iters
 
 
+def test_labelling_follows_its_order_and_stops_at_its_time_and_the_rest_keep_ground_truth(
+    shared_weights, crops
+):
+    teacher, _ = load_checkpoint(shared_weights / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
+    data = TrainImages.from_folders(crops, 2, lr_patch=16, batch_size=2)
+    cpu = torch.device("cpu")
+    nothing = teacher_outputs(teacher, data, cpu, order=range(len(data)), seconds=0.0)
+    assert nothing == [None] * len(data)
+    two = teacher_outputs(teacher, data, cpu, order=[2, 0])
+    assert [out is not None for out in two] == [i in (0, 2) for i in range(len(data))]
+    targets = with_ground_truth(data, two)
+    assert targets[2] is two[2] and targets[2].shape == data.hr_images[2].shape
+    assert np.array_equal(targets[1], data.hr_images[1].astype(np.float32) / 255.0)
+
+
 def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops):
     teacher = shared_weights / "RLFN_s_x2.pth"
     config = budget_config(teacher, crops, checkpoint_every=2)
@@ -248,7 +265,7 @@ def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops)
             should_cancel=cancel_in_distill,
         )
     plan = json.loads((killed / "state.json").read_text())["plan"]
-    assert plan["distill_iters"] > 0  # planned before the kill
+    assert plan["distill_iters"] > 0 and plan["labelled_images"] >= 1  # planned before the kill
     resumed = run_pipeline(config, killed)
     # The same plan in a fresh workdir, run without a stop: the same weights, bit for bit.
     fresh = tmp_path / "fresh"

@@ -49,6 +49,10 @@ class Recipe(BaseModel):
     )
     precision: Precision
     prune_share: float = Field(description="share of a time budget spent pruning")
+    labelling_share: float | None = Field(
+        description="at most this share of a time budget labels images with the teacher (the rest of "
+        "the images keep their ground truth as the target); None: label every image"
+    )
     prune_iters: int = Field(description="without a time budget")
     distill_iters: int = Field(description="without a time budget")
     validations: int = Field(description="validations per distillation run (and one at its end)")
@@ -72,6 +76,7 @@ RECIPES: dict[str, Recipe] = {
         ema_horizon=None,
         precision="fp32",
         prune_share=1 / 9,  # the authors: 100k pruning iterations for 800k of distillation
+        labelling_share=None,
         prune_iters=500,
         distill_iters=2000,
         validations=4,
@@ -89,6 +94,7 @@ RECIPES: dict[str, Recipe] = {
         ema_horizon=0.1,
         precision="auto",
         prune_share=0.05,
+        labelling_share=0.15,
         prune_iters=100,
         distill_iters=2000,
         validations=10,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 LrSchedule = Literal["step", "cosine", "linear"]
 
@@ -70,9 +70,17 @@ class BudgetPlan(BaseModel):
     validation_seconds: float = 0.0  # one validation of the student
     validations: int = 0
     distill_iters: int = 0
+    labelled_images: int | None = Field(
+        None, description="training images the teacher labelled within its share (the rest: ground truth)"
+    )
 
     def plan_distill(
-        self, spent_seconds: float, step_seconds: float, validation_seconds: float, validations: int
+        self,
+        spent_seconds: float,
+        step_seconds: float,
+        validation_seconds: float,
+        validations: int,
+        labelled_images: int | None = None,
     ) -> BudgetPlan:
         """The rest of the budget after pruning and labelling, as distillation iterations."""
         left = self.budget_seconds - spent_seconds - validations * validation_seconds
@@ -83,6 +91,7 @@ class BudgetPlan(BaseModel):
                 "validation_seconds": validation_seconds,
                 "validations": validations,
                 "distill_iters": iterations_within(left, step_seconds),
+                "labelled_images": labelled_images,
             }
         )
 

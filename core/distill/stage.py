@@ -132,10 +132,33 @@ LABELLING_BACKEND = {"cpu": "onnxruntime", "cuda": "channels_last"}
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, data: TrainImages, device: torch.device) -> list[np.ndarray]:
-    """The teacher's output (HxWx3 float32, clamped to [0, 1]) for every training image, tiled."""
+def teacher_outputs(
+    teacher: nn.Module,
+    data: TrainImages,
+    device: torch.device,
+    order: Sequence[int] | None = None,
+    seconds: float | None = None,
+) -> list[np.ndarray | None]:
+    """The teacher's output (HxWx3 float32, clamped to [0, 1]) for the training images, tiled: all
+    of them, or those of `order` that fit in `seconds` of labelling (None for the others)."""
     runner = prepare_backend(teacher.to(device).eval(), LABELLING_BACKEND.get(device.type, "eager"))
-    return [upscale_array(teacher, lr.astype(np.float32) / 255.0, backend=runner) for lr in data.lr_images]
+    outputs: list[np.ndarray | None] = [None] * len(data)
+    began = time.perf_counter()
+    for index in order if order is not None else range(len(data)):
+        if seconds is not None and time.perf_counter() - began >= seconds:
+            break
+        outputs[index] = upscale_array(
+            teacher, data.lr_images[index].astype(np.float32) / 255.0, backend=runner
+        )
+    return outputs
+
+
+def with_ground_truth(data: TrainImages, outputs: list[np.ndarray | None]) -> list[np.ndarray]:
+    """Training targets: the teacher's output where it labelled the image, else the ground truth."""
+    return [
+        out if out is not None else hr.astype(np.float32) / 255.0
+        for out, hr in zip(outputs, data.hr_images, strict=True)
+    ]
 
 
 def train_step(
@@ -263,7 +286,7 @@ def run_distill(
     began = time.perf_counter() - elapsed
     cache = targets
     if cache is None and uses_teacher and config.teacher_cache and start < config.iterations:
-        cache = teacher_outputs(teacher, data, device)
+        cache = with_ground_truth(data, teacher_outputs(teacher, data, device))
         if start == 0:
             cache_seconds = time.perf_counter() - began
 
