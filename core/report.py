@@ -146,6 +146,15 @@ def write_card(report: CompressionReport, path: Path) -> None:
         if p.target_gmacs
         else "the pruned density"
     )
+    b = report.budget
+    budget_line = (
+        f"- time budget: {b.budget_seconds / 60:g} min → {b.prune_iters:,} pruning and {b.distill_iters:,} "
+        f"distillation iterations (measured: {b.distill_step_seconds * 1000:.0f} ms a step); the teacher "
+        f"labelled {b.labelled_images if b.labelled_images is not None else 'no'} of "
+        f"{report.holdout.training_images} training images, the others kept their ground truth\n"
+        if b is not None
+        else ""
+    )
     text = f"""# srcompress compact model: {s.config["family"]} ×{p.scale}
 
 A compact super-resolution model made by srcompress from the teacher `{p.model}`
@@ -179,6 +188,7 @@ The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from
   AdaMax lr {r.lr:g} ({r.schedule}, warm-up {r.warmup:.0%}), student init `{r.student_init}`,
   {report.distill.precision}, EMA {report.distill.ema_decay:.4f}
   (best held-out PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
+{budget_line}
 - seed {p.seed}; versions {report.versions}
 
 ## Licences
