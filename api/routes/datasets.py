@@ -21,7 +21,9 @@ from store.blobs import BlobStore, join_key
 from store.jobs import ACTIVE_STATES
 from store.tables import Dataset, Job, new_id, utcnow
 
-router = APIRouter(prefix="/v1", tags=["datasets"], responses=error_responses(401, 404, 409, 413, 422, 503))
+router = APIRouter(
+    prefix="/v1", tags=["datasets"], responses=error_responses(400, 401, 404, 409, 413, 422, 503)
+)
 
 # --- sample -------------------------------------------------------------------------------------------
 

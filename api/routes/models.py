@@ -27,7 +27,9 @@ from store.blobs import BlobNotFound, BlobStore, join_key
 from store.jobs import ACTIVE_STATES
 from store.tables import Job, Model, new_id, utcnow
 
-router = APIRouter(prefix="/v1", tags=["models"], responses=error_responses(401, 404, 409, 413, 422, 503))
+router = APIRouter(
+    prefix="/v1", tags=["models"], responses=error_responses(400, 401, 404, 409, 413, 422, 503)
+)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 CONTENT_TYPES = {

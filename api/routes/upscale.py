@@ -44,7 +44,7 @@ from store.tables import Model
 
 log = logging.getLogger("srcompress.api")
 
-router = APIRouter(prefix="/v1", tags=["upscale"], responses=error_responses(401, 404, 413, 422, 503))
+router = APIRouter(prefix="/v1", tags=["upscale"], responses=error_responses(400, 401, 404, 413, 422, 503))
 
 MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 REDUCED_PRECISION = ("bf16", "fp16")  # paths admitted within 0.05 dB on 8-bit output only
