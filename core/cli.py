@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-lr", type=float, help="student learning rate (fast 2e-3, paper 1e-4)")
     p.add_argument(
         "--loss",
-        help="distillation loss: paper, pixel_hf (fast's), laplacian_flat, l1_gt, l1_teacher or blend",
+        help="distillation loss: l1_gt (fast), paper, pixel_hf, laplacian_flat, l1_teacher or blend",
     )
     p.add_argument("--schedule", choices=["cosine", "linear", "step"], help="lr schedule")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")

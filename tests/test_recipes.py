@@ -101,9 +101,9 @@ def test_fast_is_the_default_and_every_knob_stays_overridable():
     params = JobParams(model="rlfn_s", scale=2)
     assert params.recipe == "fast" and params.resolved_recipe() == RECIPES["fast"]
     recipe = JobParams(
-        model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="l1_gt", lr_schedule="linear", alpha=0.3
+        model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="blend", lr_schedule="linear", alpha=0.3
     ).resolved_recipe()
-    assert (recipe.lr, recipe.loss, recipe.schedule, recipe.alpha) == (5e-4, "l1_gt", "linear", 0.3)
+    assert (recipe.lr, recipe.loss, recipe.schedule, recipe.alpha) == (5e-4, "blend", "linear", 0.3)
     assert recipe.overridden == ["alpha", "loss", "lr", "schedule"]
 
 
@@ -228,7 +228,7 @@ def test_a_budgeted_job_resolves_to_fast_and_reports_the_gap(tmp_path, shared_we
     assert report.gaps[1].student == pytest.approx(report.student.scores[0].psnr)
     assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 10_000
     stored = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert stored["recipe"]["loss"] == "pixel_hf" and stored["budget"]["distill_iters"] == plan.distill_iters
+    assert stored["recipe"]["loss"] == "l1_gt" and stored["budget"]["distill_iters"] == plan.distill_iters
 
 
 def test_labelling_follows_its_order_and_stops_at_its_time_and_the_rest_keep_ground_truth(
@@ -247,8 +247,9 @@ def test_labelling_follows_its_order_and_stops_at_its_time_and_the_rest_keep_gro
 
 
 def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops):
+    """With a teacher-driven loss, so that the teacher's labelling is planned and repeated too."""
     teacher = shared_weights / "RLFN_s_x2.pth"
-    config = budget_config(teacher, crops, checkpoint_every=2)
+    config = budget_config(teacher, crops, checkpoint_every=2, distill_loss="pixel_hf")
     killed = tmp_path / "killed"
     steps = []
 
