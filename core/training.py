@@ -181,17 +181,20 @@ def check_cancel(should_cancel: CancelFn) -> None:
 MEASURE_ITERATION = 10**12
 
 
-def seconds_per_step(step: Callable[[int], None], steps: int = 10, warmup: int = 2) -> float:
-    """Mean wall time of `step(k)` over `steps` calls after `warmup` calls (the mean, not the median:
-    a run pays for its occasional slow steps too). The torch RNG is restored afterwards, so measuring
-    changes nothing that the run itself draws (resume stays exact)."""
+def seconds_per_step(
+    step: Callable[[int], None], steps: int = 10, warmup: int = 2, min_seconds: float = 0.0
+) -> float:
+    """Mean wall time of `step(k)` over at least `steps` calls and `min_seconds`, after `warmup` calls
+    (the mean, not the median: a run pays for its slow steps too). The torch RNG is restored
+    afterwards, so measuring changes nothing that the run itself draws (resume stays exact)."""
     with torch.random.fork_rng():
         for k in range(warmup):
             step(MEASURE_ITERATION + k)
-        began = time.perf_counter()
-        for k in range(warmup, warmup + steps):
-            step(MEASURE_ITERATION + k)
-        return (time.perf_counter() - began) / steps
+        began, done = time.perf_counter(), 0
+        while done < steps or time.perf_counter() - began < min_seconds:
+            step(MEASURE_ITERATION + warmup + done)
+            done += 1
+        return (time.perf_counter() - began) / done
 
 
 @dataclass
