@@ -51,8 +51,6 @@ from core.training import (
     to_device,
 )
 
-MEASURE_SECONDS = 8.0  # how long a budgeted run times its distillation step before planning
-
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
 DEFAULT_MILESTONES = {"edsr": [0.25], "swinir": [0.3125, 0.5, 0.5625], "rlfn": [0.25, 0.5, 0.75]}
 
@@ -207,6 +205,7 @@ def measure_distill_step(
     targets: list[np.ndarray] | None,
     config: DistillConfig,
     device: torch.device,
+    min_seconds: float = 0.0,
 ) -> float:
     """Seconds per distillation step on this machine (the step and its EMA update, as the loop runs
     them), on throwaway copies of the student, its average and the optimizer."""
@@ -224,8 +223,7 @@ def measure_distill_step(
         float(parts.total.detach())
         ema.update(student, 1)
 
-    # Several seconds of steps, not a handful: short measurements read 3-14% fast against the run.
-    return seconds_per_step(step, min_seconds=MEASURE_SECONDS)
+    return seconds_per_step(step, min_seconds=min_seconds)
 
 
 def run_distill(
