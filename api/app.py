@@ -60,6 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Innermost (added first): its 413 is raised straight into FastAPI's body parsing, not through
+    # the metrics middleware's task, which would turn it into a 400.
+    app.add_middleware(BodyLimit, limit=_body_limit)
 
     @app.middleware("http")
     async def request_metrics(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
@@ -74,7 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.latency.labels(template).observe(time.perf_counter() - began)
         return response
 
-    app.add_middleware(BodyLimit, limit=_body_limit)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(datasets.router)

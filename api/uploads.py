@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import UploadFile
-from starlette.exceptions import HTTPException
+from fastapi import HTTPException, UploadFile
 
 from api.errors import ApiError, error_response
 

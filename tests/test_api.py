@@ -511,7 +511,7 @@ def test_16bit_images_are_served_in_16bit_precision_on_a_reduced_precision_path(
     a, b = decode(fp32.content), decode(served.content)
     assert a.dtype == b.dtype == np.uint16 and a.shape == b.shape == (64, 80, 3)
     assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= 2
-    assert len(np.unique(b[..., 0])) > 2000  # 16-bit detail, not 8-bit steps
+    assert len(np.unique(b[..., 0])) > 256  # more levels than any 8-bit image has
 
 
 def test_upscale_full_queue_answers_503(alice, rlfn_model):

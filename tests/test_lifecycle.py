@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from core.models import create_model, parse_config
+from store import jobs as store_jobs
 from store.db import migrate
 from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import (
@@ -200,9 +201,8 @@ def run_lifecycle(url: str, key: str, topology: str) -> None:
         assert job["state"] == "succeeded", job
         assert states[0] == "queued" and states[-1] == "succeeded"
         running = [s for s in dict.fromkeys(states) if s not in ("queued", "succeeded")]
-        assert running and running == sorted(
-            running, key=["pruning", "compressing", "distilling", "evaluating", "exporting"].index
-        )
+        assert running and running == sorted(running, key=store_jobs.RUNNING_STATES.index)
+        assert running[0] == "preparing"  # out of queued as soon as a worker claimed it
         assert len(events) >= len(running) + 2
         assert job["result_model_id"] and job["finished_at"]
 
