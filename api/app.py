@@ -32,13 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or Settings()
         services = Services.build(resolved)
-        services.extras["upscale_pool"] = upscale.UpscalePool(
-            resolved.upscale_concurrency, resolved.upscale_queue
-        )
-        services.extras["model_cache"] = upscale.ModelCache(resolved.model_cache_bytes)
-        services.extras["backend_tuner"] = upscale.BackendTuner(resolved.data_dir / "cache")
-        services.extras["metrics"] = health.Metrics(services)
-        services.extras["presets"] = models.PresetTable(resolved.data_dir / "cache")
         app.state.services = services
         try:
             datasets.ensure_sample_dataset(services)
@@ -47,8 +40,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            services.extras["upscale_pool"].shutdown()
-            services.extras["backend_tuner"].shutdown()
             services.close()
 
     app = FastAPI(
@@ -72,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if services is not None:
             route = request.scope.get("route")
             template = getattr(route, "path", "unmatched")
-            metrics = services.extras["metrics"]
+            metrics = services.metrics
             metrics.requests.labels(request.method, template, str(response.status_code)).inc()
             metrics.latency.labels(template).observe(time.perf_counter() - began)
         return response

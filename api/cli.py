@@ -1,6 +1,6 @@
 """`srcompress serve` (the embedded default: API + a real Celery worker, no other service needed) and
-`srcompress keys create|list|revoke`. ``register(subparsers)`` adds them to core's CLI; ``python -m
-api.cli`` runs them on their own."""
+`srcompress keys create|list|revoke`. ``register(subparsers)`` adds them to the top-level parser
+(srcompress.cli)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
-from api.deps import TASK_QUEUE
+from store.queue import WORKER_APP, worker_command
 from store.settings import Settings
 
-WORKER_MODULE = "worker.app"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,19 +33,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def worker_command(concurrency: int = 1) -> list[str]:
-    """The Celery worker the embedded default starts (the same command production runs per GPU)."""
-    return [
-        sys.executable, "-m", "celery", "-A", WORKER_MODULE, "worker",
-        "--concurrency", str(concurrency), "--pool", "solo" if concurrency == 1 else "prefork",
-        "--queues", TASK_QUEUE, "--without-gossip", "--without-mingle", "--loglevel", "INFO",
-    ]  # fmt: skip
-
-
 def worker_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec(WORKER_MODULE) is not None
+    return importlib.util.find_spec(WORKER_APP) is not None
 
 
 def ensure_first_key(settings: Settings) -> str | None:
@@ -93,12 +82,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.no_worker:
         print("srcompress: API only (--no-worker): jobs wait until a worker runs", file=sys.stderr)
     elif not worker_available():
-        print(f"srcompress: {WORKER_MODULE} is not installed; jobs stay queued", file=sys.stderr)
+        print(f"srcompress: {WORKER_APP} is not installed; jobs stay queued", file=sys.stderr)
     else:
         env = {**os.environ, **settings_env(settings)}
+        pool = "solo" if args.worker_concurrency == 1 else "prefork"
+        command = worker_command(pool, args.worker_concurrency)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         worker = subprocess.Popen(
-            worker_command(args.worker_concurrency), env=env, cwd=REPO_ROOT, preexec_fn=_die_with_parent
+            command,
+            env=env,
+            cwd=REPO_ROOT,
+            preexec_fn=_die_with_parent,
         )
 
     url = f"http://{args.host}:{args.port}"
@@ -197,23 +191,3 @@ def register(subparsers: Any) -> None:
     p = keys_sub.add_parser("revoke", help="revoke a key by id")
     p.add_argument("key_id")
     p.set_defaults(func=cmd_keys_revoke)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from core.errors import UserError
-
-    parser = argparse.ArgumentParser(prog="srcompress", description="srcompress service commands")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as error:
-        print(f"srcompress: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

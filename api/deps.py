@@ -16,17 +16,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
+from api.metrics import Metrics
+from api.presets import PresetTable
+from api.serving import BackendTuner, ModelCache, UpscalePool
 from store.apikeys import find_api_key
 from store.blobs import BlobStore, make_blob_store
 from store.db import make_engine, read_session_factory, session_factory
 from store.settings import Settings
 
 log = logging.getLogger("srcompress.api")
-
-# The worker's task and queue (worker/app.py: RUN_JOB_TASK, JOBS_QUEUE), named here so that the API never
-# imports worker code (and torch's training stack with it); tests/test_lifecycle.py checks they agree.
-TASK_NAME = "srcompress.run_job"
-TASK_QUEUE = "srcompress.jobs"
 
 # Row offsets and event ids a client may send: bounded so that no value overflows the database's
 # 64-bit integers (an offset of 2^63 was a 500), and far above anything a table holds.
@@ -57,11 +55,19 @@ class Services:
     read_sessions: sessionmaker[Session]
     blobs: BlobStore
     celery: Any
-    extras: dict[str, Any] = field(default_factory=dict)  # upscale pool, model cache, metrics
+    upscale_pool: UpscalePool
+    model_cache: ModelCache
+    backend_tuner: BackendTuner
+    presets: PresetTable
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self)  # reads the services at scrape time
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         engine = make_engine(settings.database_url)
+        cache_dir = settings.data_dir / "cache"
         return cls(
             settings=settings,
             engine=engine,
@@ -69,22 +75,20 @@ class Services:
             read_sessions=read_session_factory(engine),
             blobs=make_blob_store(settings),
             celery=make_celery_client(settings),
+            upscale_pool=UpscalePool(settings.upscale_concurrency, settings.upscale_queue),
+            model_cache=ModelCache(settings.model_cache_bytes),
+            backend_tuner=BackendTuner(cache_dir),
+            presets=PresetTable(cache_dir),
         )
 
     def close(self) -> None:
+        self.upscale_pool.shutdown()
+        self.backend_tuner.shutdown()
         self.engine.dispose()
 
 
 def get_services(request: Request) -> Services:
     return request.app.state.services
-
-
-def get_settings(services: Services = Depends(get_services)) -> Settings:
-    return services.settings
-
-
-def get_blobs(services: Services = Depends(get_services)) -> BlobStore:
-    return services.blobs
 
 
 def read_session(services: Services = Depends(get_services)) -> Iterator[Session]:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import CheckpointError, ImageError, ImageTooLarge, UserError
+from core.errors import CheckpointError, ImageError, ImageTooLarge, UserError, describe_validation_error
 from store.jobs import IdempotencyConflict, IllegalTransition, JobNotFound
 
 log = logging.getLogger("srcompress.api")
@@ -118,15 +118,6 @@ def _validation_details(error: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
-def _validation_message(details: list[dict[str, Any]]) -> str:
-    parts = []
-    for item in details[:3]:
-        where = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
-        parts.append(f"{where}: {item['msg']}")
-    more = f" (+{len(details) - 3} more)" if len(details) > 3 else ""
-    return "invalid request: " + "; ".join(parts) + more
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
@@ -135,7 +126,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         details = _validation_details(error)
-        return error_response(422, "invalid_request", _validation_message(details), details)
+        message = describe_validation_error(details, skip={"body"}, limit=3, whole="body")
+        return error_response(422, "invalid_request", f"invalid request: {message}", details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:

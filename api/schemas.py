@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.pipeline import JobParams
+from core.job import JobParams
+from store.models import model_files
 from store.tables import Dataset, Job, JobEvent, Model
 
 SAMPLE_DATASET_ID = "sample"
@@ -77,11 +78,6 @@ class ModelOut(BaseModel):
             files=files,
             created_at=row.created_at,
         )
-
-
-def model_files(row: Model) -> dict[str, str | None]:
-    """Downloadable file name -> blob key."""
-    return {"model.safetensors": row.weights_key, "config.json": row.config_key, "model.onnx": row.onnx_key}
 
 
 class DownloadOut(BaseModel):

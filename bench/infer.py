@@ -33,15 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.complexity import count_macs  # noqa: E402
-from core.inference import (  # noqa: E402
-    choose_backend,
-    decision_path,
-    default_cache_dir,
-    machine_signature,
-    prepare_backend,
-    upscale_array,
-)
-from core.models import create_model, load_checkpoint  # noqa: E402
+from core.infer.runners import default_cache_dir  # noqa: E402
+from core.infer.tuning import choose_backend, decision_path, machine_signature, prepare_backend  # noqa: E402
+from core.infer.upscale import upscale_array  # noqa: E402
+from core.models.build import create_model  # noqa: E402
+from core.models.checkpoint import load_checkpoint  # noqa: E402
 from core.onnx_export import cpu_cores  # noqa: E402
 
 LR_SIZE = (640, 360)  # (W, H)
@@ -124,9 +120,12 @@ def interleaved_latencies(
     return times, rates
 
 
+SHARED = Path(os.environ.get("SRCOMPRESS_SHARED", REPO.parent / "shared"))
+SET5 = SHARED / "data" / "benchmark" / "Set5"  # the backend choice is checked on it when present
+
+
 def load_preset(name: str) -> tuple[torch.nn.Module, str]:
-    shared = Path(os.environ.get("SRCOMPRESS_SHARED", REPO.parent / "shared"))
-    weights = shared / "weights" / RLFN_WEIGHTS.get(name, "-")
+    weights = SHARED / "weights" / RLFN_WEIGHTS.get(name, "-")
     if weights.is_file():
         model, _info = load_checkpoint(weights, preset=name, scale=2)
         return model, weights.name
@@ -141,7 +140,7 @@ def bench_preset(name: str, peak: float, repeats: int, cache_dir: Path) -> dict:
     lr = torch.rand(1, 3, LR_SIZE[1], LR_SIZE[0], generator=torch.Generator().manual_seed(0))
     row: dict = {"preset": name, "weights": weights, "gmacs": macs / 1e9, "load_before": os.getloadavg()[0]}
     start = time.perf_counter()
-    picked = choose_backend(model, cache_dir)
+    picked = choose_backend(model, cache_dir, eval_dir=SET5 if SET5.is_dir() else None)
     row["choose_seconds"] = time.perf_counter() - start
     decision = json.loads(decision_path(model, cache_dir).read_text())
     runners = {"eager": prepare_backend(model, "eager")}

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from infer import matmul_peak_gflops  # bench/infer.py: the machine's measured fp32 peak
 
-from core.pipeline import CompressionReport, JobConfig, run_pipeline
+from core.job import CompressionReport, JobConfig
+from core.pipeline import run_pipeline
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TRAIN_SETS = ("DIV2K_test_LRx4", "Sun_Hays80", "T91_partial53")

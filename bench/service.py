@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.models import create_model  # noqa: E402
+from core.models.build import create_model
 
 
 def png_256(seed: int = 0) -> bytes:

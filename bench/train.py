@@ -29,10 +29,12 @@ from torch import nn
 
 from core.complexity import count_macs, count_params
 from core.data.datasets import TrainImages, list_images
-from core.distill.stage import DistillConfig, DistillResult, make_optimizer, run_distill, teacher_outputs
+from core.distill.stage import DistillConfig, make_optimizer, run_distill, teacher_outputs
+from core.loop import CHANNELS_LAST, to_device
 from core.losses import kd_loss_parts
-from core.models import build_model, load_checkpoint
-from core.training import CHANNELS_LAST, to_device
+from core.models.build import build_model
+from core.models.checkpoint import load_checkpoint
+from core.results import DistillResult
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 NAIVE_ONLY = "teacher forward (naive loop only)"

@@ -1,6 +1,7 @@
-"""The `srcompress` command line.
+"""The ML commands of the `srcompress` command line: models, info, eval, upscale, compress, train.
 
-Every sub-command is a thin shell over a core function. A `UserError` (bad preset, missing file, a
+`register(subparsers)` adds them to the top-level parser (srcompress.cli, which also adds the service's
+commands). Every sub-command is a thin shell over a core function. A `UserError` (bad preset, missing file, a
 checkpoint that does not fit, ...) is printed as one line on stderr with exit code 2; no traceback.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import UserError
@@ -36,7 +37,8 @@ def _existing_path(text: str) -> Path:
 
 def _model(name: str, scale: int, weights: Path | None):
     """A preset with random weights, or a checkpoint (whose family and scale must agree with the request)."""
-    from core.models import create_model, load_checkpoint
+    from core.models.build import create_model
+    from core.models.checkpoint import load_checkpoint
 
     if weights is None:
         return create_model(name, scale)
@@ -54,20 +56,14 @@ def _progress_bar(total: int | None, desc: str):
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    import torch
-
-    from core.complexity import count_macs, count_params, default_lr_size
-    from core.models import PRESETS, build_model, preset_config
+    from core.complexity import config_complexity
+    from core.models.presets import PRESETS, preset_config
 
     rows = []
     for name in PRESETS:
         for scale in SCALES:
-            with torch.device("meta"):  # shapes only: no memory, no init cost
-                model = build_model(preset_config(name, scale))
-            params = count_params(model)
-            lr_size = default_lr_size(scale)
-            macs = count_macs(model, lr_size)
-            rows.append((name, scale, params.total, params.excl_rpb, macs.macs / 1e9, lr_size))
+            c = config_complexity(preset_config(name, scale))
+            rows.append((name, scale, c.params, c.params_excl_rpb, c.macs / 1e9, c.lr_size))
     if args.json:
         keys = ("preset", "scale", "params", "params_excl_rpb", "gmacs", "lr_size")
         print(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
@@ -143,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_upscale(args: argparse.Namespace) -> None:
-    from core.inference import upscale_file
+    from core.infer.upscale import upscale_file
 
     model = _model(args.model, args.scale, args.weights)
     bar = _progress_bar(None, "tiles")
@@ -183,7 +179,8 @@ def _pipeline_progress():
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from core.pipeline import JobConfig, run_pipeline
+    from core.job import JobConfig
+    from core.pipeline import run_pipeline
 
     fields = {
         "model": args.model,
@@ -272,20 +269,19 @@ def _validated(config_class, **fields):
     """A stage's pydantic config from the command line; a bad value is one line naming the field."""
     from pydantic import ValidationError
 
-    from core.models.registry import describe_validation_error
+    from core.errors import describe_validation_error
 
     try:
         return config_class(**fields)
     except ValidationError as error:
-        raise UserError(describe_validation_error(error)) from None
+        raise UserError(describe_validation_error(error.errors())) from None
 
 
 # --- parser -------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="srcompress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add core's commands to the `srcompress` parser."""
 
     def add(name: str, func: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -380,29 +376,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true")
-
-    # The service's commands (serve, keys, worker) live with the service; this is the one place where
-    # the command line joins the rooms. Core itself never imports api/ or worker/.
-    from api.cli import register as register_api
-    from worker.cli import register as register_worker
-
-    register_api(sub)
-    register_worker(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as error:
-        print(f"srcompress: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("srcompress: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from core.errors import UserError
+from core.models.config import ModelConfig
+from core.models.network import eval_mode
+from core.results import Complexity
 
 # LR input sizes (W, H) giving a 1280x720-ish output (method.md §8).
 DEFAULT_LR_SIZES: dict[int, tuple[int, int]] = {2: (640, 360), 3: (427, 240), 4: (320, 180)}
@@ -66,15 +69,18 @@ def default_lr_size(scale: int) -> tuple[int, int]:
     return DEFAULT_LR_SIZES[scale]
 
 
+def _meta_model(config: ModelConfig) -> nn.Module:
+    """The config's architecture with shape-only tensors (no memory, no init cost)."""
+    from core.models.build import build_model  # local: complexity stays importable on its own
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """The same architecture with shape-only tensors: rebuilt from its config, else copied and moved."""
     config = getattr(model, "config", None)
-    if config is not None:
-        from core.models.registry import build_model  # local: complexity stays importable on its own
-
-        with torch.device("meta"):
-            return build_model(config)
-    return copy.deepcopy(model).to("meta")
+    return _meta_model(config) if config is not None else copy.deepcopy(model).to("meta")
 
 
 def count_macs(model: nn.Module, lr_size: tuple[int, int] | None = None, on_meta: bool = True) -> MacCount:
@@ -90,14 +96,9 @@ def count_macs(model: nn.Module, lr_size: tuple[int, int] | None = None, on_meta
     else:
         counted = model
         device = next(model.parameters()).device
-    was_training = counted.training
-    counted.eval()
     counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            counted(torch.zeros(1, 3, height, width, device=device))
-    finally:
-        counted.train(was_training)
+    with eval_mode(counted), torch.no_grad(), counter:
+        counted(torch.zeros(1, 3, height, width, device=device))
 
     by_op: dict[str, int] = {}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
@@ -106,3 +107,17 @@ def count_macs(model: nn.Module, lr_size: tuple[int, int] | None = None, on_meta
         by_op[op_class] = by_op.get(op_class, 0) + flops // 2
     flops_total = counter.get_total_flops()
     return MacCount(macs=flops_total // 2, flops=flops_total, by_op=by_op, lr_size=(width, height))
+
+
+def config_complexity(config: ModelConfig) -> Complexity:
+    """Params and MACs at the default LR size for the config's scale, counted on shapes only (meta
+    device)."""
+    model = _meta_model(config)
+    lr_size = default_lr_size(config.scale)
+    params = count_params(model)
+    return Complexity(
+        params=params.total,
+        params_excl_rpb=params.excl_rpb,
+        macs=count_macs(model, lr_size).macs,
+        lr_size=lr_size,
+    )

@@ -1,5 +1,10 @@
 """Errors that a user caused and can fix. The CLI prints them as one line; the API maps them to 4xx."""
 
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping
+from typing import Any
+
 
 class UserError(ValueError):
     """Bad input: an unknown preset, a missing file, a checkpoint that does not fit, ..."""
@@ -23,3 +28,21 @@ class Canceled(Exception):
 
 class Diverged(Exception):
     """A training loss stopped being finite (the lr or the loss weights are too large for the model)."""
+
+
+def describe_validation_error(
+    errors: Iterable[Mapping[str, Any]],
+    skip: Container[Any] = (),
+    limit: int | None = None,
+    whole: str = "config",
+) -> str:
+    """One line naming each bad field and pydantic's reason, from `ValidationError.errors()`: location
+    parts in `skip` are left out (the API's "body"), an error of the whole object is named `whole`, and
+    past `limit` items, "(+N more)"."""
+    items = list(errors)
+    parts = []
+    for item in items[:limit]:
+        where = ".".join(str(part) for part in item.get("loc", ()) if part not in skip) or whole
+        parts.append(f"{where}: {item.get('msg', '')}")
+    more = f" (+{len(items) - limit} more)" if limit is not None and len(items) > limit else ""
+    return "; ".join(parts) + more

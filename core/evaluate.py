@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from core.data.datasets import EvalImage, EvalResult, bicubic_upscale, evaluate
+from core.models.network import eval_mode
 
 
 def model_upscaler(
@@ -35,12 +36,8 @@ def evaluate_dataset(
     name: str | None = None,
 ) -> EvalResult:
     """Score a model on a folder or on images in memory (see core.data.datasets.evaluate)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return evaluate(model_upscaler(model, device), dataset, scale, on_progress=on_progress, name=name)
-    finally:
-        model.train(was_training)
 
 
 def evaluate_model(
@@ -53,7 +50,8 @@ def evaluate_model(
     """`name` is a preset (with `weights`) or "bicubic" (MATLAB bicubic of the LR file)."""
     if name == "bicubic":
         return evaluate(lambda lr: bicubic_upscale(lr, scale), dataset_dir, scale, on_progress=on_progress)
-    from core.models import create_model, load_checkpoint
+    from core.models.build import create_model
+    from core.models.checkpoint import load_checkpoint
 
     model = (
         create_model(name, scale)

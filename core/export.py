@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 
-from core.models import save_model
+from core.models.checkpoint import save_model
+from core.models.config import ONNX_FILE
 from core.onnx_export import export_onnx, onnx_parity
+from core.results import ExportResult
 
 PARITY_LR_SIZE = (64, 48)  # (width, height) of the random input the ONNX parity is checked on
-
-
-class ExportResult(BaseModel):
-    weights: str
-    config: str
-    onnx: str
-    onnx_dynamic_shapes: bool
-    onnx_lr_size: tuple[int, int]
-    onnx_opset: int
-    onnx_max_abs_diff: float
 
 
 def export_model(model: nn.Module, out_dir: Path) -> ExportResult:
@@ -29,7 +20,7 @@ def export_model(model: nn.Module, out_dir: Path) -> ExportResult:
     model = model.cpu().eval()
     save_model(model, out_dir)
     # Non-dynamic exports (SwinIR) are made for the parity size; dynamic ones accept any size.
-    onnx = export_onnx(model, out_dir / "model.onnx", example_lr_size=PARITY_LR_SIZE)
+    onnx = export_onnx(model, out_dir / ONNX_FILE, example_lr_size=PARITY_LR_SIZE)
     width, height = PARITY_LR_SIZE
     lr = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     diff = onnx_parity(model, onnx.path, lr)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from core.recipe import DISTILL_LOSSES
+
 LAPLACIAN_LEVELS = 5
 
 
@@ -202,17 +204,12 @@ def kd_loss(
 # The losses a student can be trained with (bench/recipes.py measures them side by side):
 # - paper: alpha·L1(s, gt) + L_Lap(s, t) + L_Lap(HF s, HF t) — eq. 8–9, levels weighted 1…16;
 # - laplacian_flat: the same with every pyramid level weighted 1;
-# - pixel_hf: alpha·L1(s, gt) + L1(s, t) + L1(HF s, HF t) — the `fast` recipe's loss: the teacher's
+# - pixel_hf: alpha·L1(s, gt) + L1(s, t) + L1(HF s, HF t) — the best teacher-driven loss: the teacher's
 #   output as the target, plus its high frequencies, without the 16×-weighted low-pass band (which the
 #   LR input already fixes, yet keeps a constant-size gradient there however small the error);
 # - l1_gt: L1(s, gt), no teacher; l1_teacher: L1(s, t), no ground truth;
 # - blend: 0.5·L1(s, gt) + 0.5·L1(s, t).
-DISTILL_LOSSES = ("paper", "laplacian_flat", "pixel_hf", "l1_gt", "l1_teacher", "blend")
 FLAT_LEVELS = (1.0,) * LAPLACIAN_LEVELS
-
-
-def loss_needs_teacher(name: str) -> bool:
-    return name != "l1_gt"
 
 
 def distill_loss_parts(

@@ -7,7 +7,7 @@
 - EDSR and RLFN export with dynamic batch/H/W axes, so one file serves every tile shape. SwinIR exports
   for one fixed LR size: its forward builds the shifted-window `attn_mask` and the reflect padding from
   Python ints of the input size, which the tracer freezes into constants, so a SwinIR graph is only
-  valid for the size it was traced at. Callers export once per tile shape (core.inference caches them).
+  valid for the size it was traced at. Callers export once per tile shape (core.infer.runners caches them).
 - Exporter: torch 2.13 still ships the TorchScript-based exporter (`dynamo=False`, deprecated but
   working); it handles the data-dependent Python in these forwards (SwinIR's mask cache, RLFN's size
   checks) in seconds, so it is used here. The dynamo exporter (onnxscript 0.7) also exports a conv +
@@ -26,6 +26,8 @@ import onnx
 import torch
 from torch import nn
 
+from core.models.network import eval_mode, model_config, model_device
+
 OPSET = 17
 INPUT_NAME = "lr"
 OUTPUT_NAME = "sr"
@@ -41,20 +43,9 @@ class OnnxExport:
     opset: int
 
 
-def model_family(model: nn.Module) -> str:
-    """'edsr', 'swinir' or 'rlfn' from the model's config ('unknown' for a plain module)."""
-    config = getattr(model, "config", None)
-    return str(getattr(config, "family", "unknown"))
-
-
 def supports_dynamic_shapes(model: nn.Module) -> bool:
     """Whether one exported graph is valid for every input size (not SwinIR: see the module docstring)."""
-    return model_family(model) != "swinir"
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+    return model_config(model).onnx_dynamic_shapes
 
 
 def depth_to_space_modes(path: str | Path) -> list[str]:
@@ -87,7 +78,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = dynamic and supports_dynamic_shapes(model)
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    example = example.to(_model_device(model))
+    example = example.to(model_device(model))
     dynamic_axes = (
         {
             INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
@@ -98,10 +89,8 @@ def export_onnx(
     )
     # Write next to the target and rename, so a concurrent reader never sees a half-written graph.
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    was_training = model.training
-    model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with eval_mode(model), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(
                 model,
@@ -119,7 +108,6 @@ def export_onnx(
             raise RuntimeError(f"PixelShuffle exported as DepthToSpace {modes}; expected CRD (pitfall 21)")
         os.replace(partial, path)
     finally:
-        model.train(was_training)
         partial.unlink(missing_ok=True)
     return OnnxExport(path=path, dynamic=dynamic, lr_size=(width, height), opset=OPSET)
 
@@ -154,13 +142,8 @@ def onnx_parity(model: nn.Module, path: str | Path, lr: torch.Tensor | np.ndarra
     lr_tensor = torch.as_tensor(lr, dtype=torch.float32)
     if lr_tensor.ndim != 4 or lr_tensor.shape[1] != 3:
         raise ValueError(f"lr must be (N, 3, H, W), got shape {tuple(lr_tensor.shape)}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            expected = model(lr_tensor.to(_model_device(model))).float().cpu().numpy()
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        expected = model(lr_tensor.to(model_device(model))).float().cpu().numpy()
     session = ort_session(path)
     actual = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(lr_tensor.numpy())})[0]
     if actual.shape != expected.shape:

@@ -1,58 +1,47 @@
 """The whole compression job: prune → compress → distill → evaluate → export, resumable from `workdir`.
 
-`JobParams` are the knobs a user sets; `JobConfig` adds the file paths (the service's request adds
-dataset/model ids in their place). `run_pipeline` returns a `CompressionReport` and leaves every
-artifact in `workdir/out/`. Each finished stage writes its typed result into `workdir/state.json`, and
+`run_pipeline` runs a `JobConfig` (the contract, core.job), returns a `CompressionReport` and leaves
+every artifact in `workdir/out/`. Each finished stage writes its typed result into `workdir/state.json`, and
 every training stage checkpoints itself, so a killed run continues where it stopped.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from core.compress.stage import CompressConfig, CompressResult, run_compress
+from core.compress.stage import CompressConfig, run_compress
 from core.data.datasets import TrainImages, find_pairs, holdout_split, list_images, load_images
 from core.distill.inherit import inherit_weights
-from core.distill.recipe import Precision, Recipe, RecipeName, StudentInit, resolve_recipe
-from core.distill.schedule import BudgetPlan, LrSchedule, plan_pruning, validate_every_for
 from core.distill.stage import (
     DistillConfig,
-    DistillResult,
     measure_distill_step,
     run_distill,
     teacher_outputs,
     with_ground_truth,
 )
 from core.errors import UserError
-from core.evaluate import evaluate_dataset
-from core.export import ExportResult, export_model
-from core.losses import DISTILL_LOSSES, loss_needs_teacher
-from core.models import (
-    PRESETS,
-    build_model,
-    describe_validation_error,
-    load_checkpoint,
-    load_model,
-    parse_config,
-    preset_config,
-    save_model,
+from core.evaluate import evaluate_dataset, evaluate_model
+from core.export import export_model
+from core.job import (
+    CompressionReport,
+    DatasetScore,
+    GapRow,
+    Holdout,
+    JobConfig,
+    JobParams,
+    ModelSummary,
 )
-from core.prune.stage import PruneConfig, PruneResult, measure_prune_step, run_prune
-from core.training import (
+from core.loop import (
     CancelFn,
     ProgressFn,
     load_checkpoint_state,
@@ -61,234 +50,21 @@ from core.training import (
     resolve_device,
     seed_everything,
 )
+from core.models.build import build_model
+from core.models.checkpoint import load_checkpoint, load_model, save_model
+from core.models.config import parse_config
+from core.models.presets import preset_config
+from core.prune.stage import PruneConfig, measure_prune_step, run_prune
+from core.recipe import (
+    loss_needs_teacher,
+)
+from core.report import crop_comparison_png, learning_curve_png, psnr_params_png, write_card
+from core.results import CompressResult, DistillResult, ExportResult, PruneResult
+from core.schedule import plan_pruning, validate_every_for
+from core.state import RunState
 
-STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")
-MAX_BUDGET_MINUTES = 7 * 24 * 60
 MEASURE_SECONDS, MEASURE_SHARE = 8.0, 0.02  # a budgeted run times its step this long (at most 2%)
 log = logging.getLogger("srcompress.pipeline")
-
-
-class JobParams(BaseModel):
-    """Everything about a job except where its files are. Shared by the CLI, the API and the worker.
-
-    Knobs left as None take the recipe's value (core.distill.recipe); the report records every
-    resolved value. Give either a time budget or iteration counts, not both.
-    """
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
-
-    model: str = Field(description="teacher preset (family + architecture), e.g. rlfn_s, edsr_baseline")
-    scale: Literal[2, 3, 4]
-    recipe: RecipeName = Field("fast", description="fast (best student per minute) or paper (faithful)")
-    budget_minutes: float | None = Field(
-        None,
-        gt=0,
-        le=MAX_BUDGET_MINUTES,
-        description="wall clock for pruning, teacher labelling and distillation (evaluation and export "
-        "follow); turned into iteration counts on the worker and recorded",
-    )
-    lambda_: float | None = Field(None, gt=0, alias="lambda", description="ℓ1 strength λ (default 1e-4)")
-    target_params: int | None = Field(None, ge=1, le=10**10, description="size budget: student parameters")
-    target_gmacs: float | None = Field(
-        None, gt=0, le=1e6, description="size budget: student GMACs at the default LR size"
-    )
-    student: tuple[int, int, int] | None = Field(None, description="override the compact (nc, nl, nb)")
-    student_preset: str | None = Field(
-        None, description="train this preset as the student (any family, e.g. edsr_mini), not the rule's"
-    )
-    alpha: float | None = Field(None, ge=0, le=1e3, description="weight of L1(student, ground truth)")
-    prune_iters: int | None = Field(None, ge=1, le=10**8)
-    distill_iters: int | None = Field(None, ge=1, le=10**9)
-    prune_lr: float = Field(5e-3, gt=0, description="OBProx-SG step size")
-    distill_lr: float | None = Field(None, gt=0, description="AdaMax learning rate of the student")
-    distill_loss: Literal[DISTILL_LOSSES] | None = None  # type: ignore[valid-type]
-    lr_schedule: LrSchedule | None = None
-    warmup: float | None = Field(None, ge=0, lt=1, description="lr warm-up, fraction of the run")
-    precision: Precision | None = Field(None, description="training precision (auto: bf16 on GPUs)")
-    student_init: StudentInit | None = Field(
-        None, description="scratch (the paper) or inherit the pruned teacher's weights"
-    )
-    holdout_images: int | None = Field(
-        None, ge=0, le=1000, description="training images held out to choose the checkpoint"
-    )
-    rescales: list[Annotated[float, Field(gt=0, lt=1)]] | None = Field(
-        None, max_length=4, description="also train on the images downscaled by these factors"
-    )
-    batch_size: int = Field(16, ge=1, le=1024)
-    patch_size: int = Field(
-        48, ge=16, le=512, description="LR patch size (HR = patch × scale); multiple of 8"
-    )
-    nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
-    channel_multiple: int | None = Field(None, ge=1, le=1024)
-    teacher_cache: bool = True
-    validate_every: int | None = Field(None, ge=0, description="default: the recipe's count per run")
-    checkpoint_every: int = Field(100, ge=1)
-    seed: int = Field(0, ge=0, lt=2**32)
-    device: str = "auto"
-
-    @model_validator(mode="after")
-    def _check(self) -> JobParams:
-        if self.target_params is not None and self.target_gmacs is not None:
-            raise ValueError("give at most one of target_params and target_gmacs")
-        if self.patch_size % 8:
-            raise ValueError(
-                f"patch_size must be a multiple of 8 (HR patches feed a 5-level pyramid), "
-                f"got {self.patch_size}"
-            )
-        if self.budget_minutes is not None and (self.prune_iters or self.distill_iters):
-            raise ValueError(
-                "give either budget_minutes or iteration counts (prune_iters, distill_iters), not both"
-            )
-        if self.model not in PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose one of: {', '.join(PRESETS)}")
-        if self.student is not None:
-            if min(self.student) < 1:
-                raise ValueError(f"student (nc, nl, nb) must be positive, got {self.student}")
-            try:  # e.g. a SwinIR width that is not a multiple of its attention heads
-                preset_config(self.model, self.scale).with_triple(*self.student)
-            except (UserError, ValidationError) as error:
-                why = describe_validation_error(error) if isinstance(error, ValidationError) else error
-                raise ValueError(f"student {self.student} does not fit {self.model}: {why}") from None
-        if self.student_preset is not None:
-            if self.student_preset not in PRESETS:
-                raise ValueError(
-                    f"unknown student_preset {self.student_preset!r}; choose one of: {', '.join(PRESETS)}"
-                )
-            if self.student is not None or self.target_params or self.target_gmacs:
-                raise ValueError(
-                    "student_preset names the student: drop student, target_params and target_gmacs"
-                )
-            if self.student_init == "inherit" and self.cross_family_student:
-                raise ValueError(
-                    f"student_init=inherit needs a student of the teacher's family "
-                    f"({PRESETS[self.model]['family']}), not {PRESETS[self.student_preset]['family']}"
-                )
-        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d{1,2})?", self.device):
-            raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
-        return self
-
-    @property
-    def cross_family_student(self) -> bool:
-        """A student preset of another family than the teacher (it cannot inherit its weights)."""
-        return (
-            self.student_preset is not None
-            and PRESETS[self.student_preset]["family"] != PRESETS[self.model]["family"]
-        )
-
-    def resolved_recipe(self) -> Recipe:
-        return resolve_recipe(self, cross_family_student=self.cross_family_student)
-
-
-class JobConfig(JobParams):
-    teacher_weights: Path
-    train_data: list[Path] = Field(min_length=1)
-    val_data: list[Path] = Field(min_length=1)
-
-
-class DatasetScore(BaseModel):
-    dataset: str
-    psnr: float
-    ssim: float
-
-
-class ModelSummary(BaseModel):
-    config: dict
-    params: int
-    params_excl_rpb: int
-    macs: int
-    lr_size: tuple[int, int]
-    scores: list[DatasetScore] = []
-    latency_ms: float | None = None
-
-
-class GapRow(BaseModel):
-    """One validation set: what bicubic, the teacher and the student reach, and the student's gap."""
-
-    dataset: str
-    bicubic: float
-    teacher: float
-    student: float
-    student_minus_teacher: float
-    student_minus_bicubic: float
-    used_for_selection: bool = Field(description="the held-out training images the checkpoint was chosen on")
-
-
-class Holdout(BaseModel):
-    """The training images held out to choose the checkpoint (never a reported set)."""
-
-    seed: int
-    images: list[str]
-    training_images: int
-
-
-class CompressionReport(BaseModel):
-    params: JobParams
-    recipe: Recipe = Field(description="every value the job ran with (the recipe with the job's overrides)")
-    budget: BudgetPlan | None = Field(None, description="how budget_minutes became iteration counts")
-    holdout: Holdout
-    gaps: list[GapRow] = Field(description="per validation set, student − teacher in dB")
-    teacher_source: str
-    teacher: ModelSummary
-    student: ModelSummary
-    bicubic: list[DatasetScore]
-    prune: PruneResult
-    compress: CompressResult
-    distill: DistillResult
-    export: ExportResult
-    pruning_ineffective: bool
-    latency_setup: str
-    stage_seconds: dict[str, float]
-    versions: dict[str, str]
-    artifacts: list[str]
-
-
-# --- resumable state ----------------------------------------------------------------------------------
-
-
-class _State:
-    """workdir/state.json: the typed result of each finished stage, its wall-clock seconds, and the
-    job's budget plan (made once, so that a resumed run repeats the same schedule)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {"results": {}, "seconds": {}}
-
-    @property
-    def plan(self) -> BudgetPlan | None:
-        return BudgetPlan(**self.data["plan"]) if "plan" in self.data else None
-
-    @plan.setter
-    def plan(self, plan: BudgetPlan) -> None:
-        self.data["plan"] = plan.model_dump()
-        self._write()
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["results"]
-
-    def get(self, stage: str) -> dict:
-        return self.data["results"][stage]
-
-    def put(self, stage: str, result: BaseModel | dict, seconds: float) -> None:
-        self.data["results"][stage] = (
-            result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-        )
-        self.data["seconds"][stage] = seconds
-        self._write()
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
-
-
-def resume_point(workdir: Path) -> dict[str, str | int]:
-    """Where a run in `workdir` continues: its first unfinished stage and that stage's checkpoint
-    iteration (0 when the stage has not saved one)."""
-    state = _State(Path(workdir) / "state.json")
-    stage = next((s for s in STAGES if not state.done(s)), STAGES[-1])
-    checkpoint = {"pruning": "prune.pt", "distilling": "distilling.pt"}.get(stage)
-    saved = load_checkpoint_state(Path(workdir) / checkpoint) if checkpoint else None
-    return {"stage": stage, "iteration": int(saved["iteration"]) if saved else 0}
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -358,8 +134,6 @@ def run_pipeline(
     should_cancel: CancelFn = never_cancel,
 ) -> CompressionReport:
     """Run (or resume) a job in `workdir`; artifacts land in `workdir/out/`."""
-    from core.report import crop_comparison_png, learning_curve_png, psnr_params_png, write_card
-
     workdir = Path(workdir)
     device = resolve_device(config.device)
     teacher, _ = validate_inputs(config)  # before anything is written
@@ -368,7 +142,7 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     teacher = teacher.to(device).eval()
     handler = _attach_log(out)
-    state = _State(workdir / "state.json")
+    state = RunState(workdir / "state.json")
     log.info("job %s on %s", config.model_dump_json(by_alias=True), device)
     log.info("recipe %s", recipe.model_dump_json())
     budget_seconds = config.budget_minutes * 60 if config.budget_minutes is not None else None
@@ -524,8 +298,6 @@ def run_pipeline(
         if not state.done("evaluating"):
             began = time.perf_counter()
             scores: dict[str, list[dict]] = {"teacher": [], "student": [], "bicubic": [], "holdout": []}
-            from core.evaluate import evaluate_model
-
             sets: list[tuple[str, Path | list]] = [("holdout", holdout)] if holdout else []
             sets += [(Path(folder).name, Path(folder)) for folder in config.val_data]
             for i, (name, data) in enumerate(sets):

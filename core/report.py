@@ -16,7 +16,7 @@ from core.data.datasets import bicubic_upscale, find_pairs, load_pair  # noqa: E
 from core.evaluate import model_upscaler  # noqa: E402
 
 if TYPE_CHECKING:
-    from core.pipeline import CompressionReport
+    from core.job import CompressionReport
 
 # Paper Table I (×2, Set5 PSNR-Y; #Ps in millions as printed — conventions differ, method.md §8).
 TABLE_I = {

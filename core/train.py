@@ -10,9 +10,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.data.datasets import TrainImages, find_pairs
-from core.distill.stage import DistillConfig, DistillResult, run_distill
-from core.models import create_model, save_model
-from core.training import CancelFn, ProgressFn, never_cancel, no_progress, resolve_device, seed_everything
+from core.distill.stage import DistillConfig, run_distill
+from core.loop import CancelFn, ProgressFn, never_cancel, no_progress, resolve_device, seed_everything
+from core.models.build import create_model
+from core.models.checkpoint import save_model
+from core.results import DistillResult
 
 
 class TrainConfig(BaseModel):

@@ -38,7 +38,7 @@ def teacher_checkpoint(out: Path) -> Path:
     print("../shared/weights is absent: training a small rlfn_s teacher on the sample images first")
     sample = sample_dir(out / "cache")
     teacher = out / "teacher"
-    cmd = [sys.executable, "-m", "core.cli", "train", "rlfn_s", "--scale", "2", "--train", str(sample),
+    cmd = [sys.executable, "-m", "srcompress", "train", "rlfn_s", "--scale", "2", "--train", str(sample),
            "--val", str(sample), "--iters", "150", "--batch-size", "8",
            "--out", str(teacher), "--resume"]  # fmt: skip
     subprocess.run(cmd, check=True)

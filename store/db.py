@@ -11,7 +11,7 @@ sessions begin DEFERRED and run beside a writer.
 Store functions flush but never commit; the caller owns the transaction::
 
     with session_factory(engine).begin() as session:
-        jobs.claim(session, job_id, worker_id, lease_seconds=60)
+        leases.claim(session, job_id, worker_id, lease_seconds=60)
 """
 
 from __future__ import annotations
@@ -28,10 +28,6 @@ from store.tables import Base
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_BEGIN_OPTION = "sqlite_begin"  # execution option: "IMMEDIATE" (default) or "DEFERRED"
 MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
-
-
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
 
 
 def _install_sqlite_pragmas(engine: Engine) -> None:

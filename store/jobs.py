@@ -1,4 +1,4 @@
-"""The job state machine, worker leases and the job event log.
+"""The job state machine and the job event log.
 
 States: ``queued`` -> ``preparing`` (a worker claimed it and fetches its inputs) -> running stages
 (``pruning``, ``compressing``, ``distilling``, ``evaluating``, ``exporting``) -> ``succeeded`` |
@@ -10,12 +10,8 @@ States: ``queued`` -> ``preparing`` (a worker claimed it and fetches its inputs)
   unfinished state; finished states are final. A running job goes back to ``queued`` only when its lease
   is lost (``requeue``).
 
-Leases. A worker ``claim``s a queued job (atomically: one UPDATE ... WHERE unleased, so of two workers
-exactly one wins), renews it with ``heartbeat`` every few seconds and passes its ``worker_id`` to
-``transition``/``report_progress`` so that a worker that lost its lease cannot write. ``reap_expired``
-re-queues jobs whose lease ran out, or fails them with error code ``worker_lost`` once they have been
-started ``max_attempts`` times (``attempts`` counts claims). ``claim`` moves the job to ``preparing``
-at once, so a client sees within a second that a worker took it.
+Leases (``claim``, ``heartbeat``, ``reap_expired``) live in store.leases; ``transition`` and
+``report_progress`` take the worker's id so that a worker that lost its lease cannot write.
 
 Every state change and progress report appends a ``JobEvent`` (seq 1, 2, ... per job) carrying the
 attempt it belongs to; a worker that continues a re-queued job says where it resumed (``resumed``).
@@ -32,17 +28,20 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import UserError
+from core.job import STAGES
 from store.tables import Job, JobEvent, utcnow
 
-STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")  # core's pipeline stages
+# A job's states: queued, preparing (inputs downloading), then one state per stage of the job
+# contract's STAGES (core.job, the one definition), then how it ended.
 RUNNING_STATES = ("preparing", *STAGES)
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 ACTIVE_STATES = ("queued", *RUNNING_STATES)  # not finished
+JOB_STATES = (*ACTIVE_STATES, *TERMINAL_STATES)
 WORKER_LOST = "worker_lost"
 
 
@@ -78,7 +77,7 @@ def is_allowed(old: str, new: str) -> bool:
     return new in allowed_transitions(old)
 
 
-def _now(now: datetime | None) -> datetime:
+def at_or_now(now: datetime | None) -> datetime:
     return utcnow() if now is None else now
 
 
@@ -97,14 +96,14 @@ def lock_job(session: Session, job_id: str, *, skip_locked: bool = False) -> Job
     return session.execute(stmt).scalar_one_or_none()
 
 
-def _require_job(session: Session, job_id: str) -> Job:
+def require_job(session: Session, job_id: str) -> Job:
     job = lock_job(session, job_id)
     if job is None:
         raise JobNotFound(f"job {job_id} does not exist")
     return job
 
 
-def _check_lease(job: Job, worker_id: str | None) -> None:
+def check_lease(job: Job, worker_id: str | None) -> None:
     if worker_id is not None and job.lease_owner != worker_id:
         raise LeaseLost(f"job {job.id}: worker {worker_id} does not hold the lease (owner {job.lease_owner})")
 
@@ -129,7 +128,7 @@ def append_event(
         fraction=fraction,
         metrics=metrics,
         message=message,
-        created_at=_now(now),
+        created_at=at_or_now(now),
     )
     session.add(event)
     session.flush()
@@ -154,7 +153,7 @@ def create_job(
     with created=False, or IdempotencyConflict is raised if ``request_hash`` differs. An expired key is
     released (cleared on the old job) and a new job is created.
     """
-    now = _now(now)
+    now = at_or_now(now)
     if idempotency_key is not None:
         previous = _job_with_idempotency_key(session, owner_key_id, idempotency_key)
         if previous is not None:
@@ -224,9 +223,9 @@ def transition(
     is stored on the job (when given) and on the event; ``report``, ``error_*`` and ``result_model_id``
     are stored on the job when given.
     """
-    now = _now(now)
-    job = _require_job(session, job if isinstance(job, str) else job.id)
-    _check_lease(job, worker_id)
+    now = at_or_now(now)
+    job = require_job(session, job if isinstance(job, str) else job.id)
+    check_lease(job, worker_id)
     if not is_allowed(job.state, new_state):
         raise IllegalTransition(f"job {job.id}: cannot go from {job.state} to {new_state}")
 
@@ -271,9 +270,9 @@ def report_progress(
     now: datetime | None = None,
 ) -> JobEvent:
     """Set the current stage's progress (0..1) and append a progress event without changing state."""
-    now = _now(now)
-    job = _require_job(session, job_id)
-    _check_lease(job, worker_id)
+    now = at_or_now(now)
+    job = require_job(session, job_id)
+    check_lease(job, worker_id)
     if job.state not in RUNNING_STATES:
         raise IllegalTransition(f"job {job.id}: progress reported while {job.state}")
     job.progress = min(max(float(fraction), 0.0), 1.0)
@@ -282,108 +281,13 @@ def report_progress(
     return append_event(session, job, now=now, fraction=job.progress, metrics=metrics, message=message)
 
 
-def claim(
-    session: Session, job_id: str, worker_id: str, lease_seconds: float, *, now: datetime | None = None
-) -> bool:
-    """Take the lease of a queued, unleased job and move it to ``preparing``; True if this worker got it
-    (then attempts += 1).
-
-    One atomic UPDATE ... WHERE: under concurrency the database lets exactly one claimant match the
-    row. (A queued job holds no lease: claiming moves it out of queued in the same transaction, and
-    every way back to queued clears the lease.)
-    """
-    now = _now(now)
-    stmt = (
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.state == "queued",
-            Job.cancel_requested.is_(False),
-            Job.lease_owner.is_(None),
-        )
-        .values(
-            lease_owner=worker_id,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=Job.attempts + 1,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    claimed = session.execute(stmt).rowcount == 1
-    if claimed:
-        job = lock_job(session, job_id)  # refresh any instance the caller holds
-        assert job is not None
-        transition(session, job, "preparing", worker_id=worker_id, now=now, message=f"claimed by {worker_id}")
-    return claimed
-
-
-def record_resumed(
-    session: Session, job_id: str, worker_id: str, resumed_from: dict[str, Any], now: datetime | None = None
-) -> JobEvent:
-    """The event that says a re-queued job continues, and from where (stage, iteration)."""
-    job = _require_job(session, job_id)
-    _check_lease(job, worker_id)
-    where = ", ".join(f"{k} {v}" for k, v in resumed_from.items())
-    message = f"resumed: attempt {job.attempts} continues at {where}"
-    return append_event(session, job, now=now, metrics={"resumed_from": resumed_from}, message=message)
-
-
-def claim_next(
-    session: Session, worker_id: str, lease_seconds: float, *, now: datetime | None = None
-) -> Job | None:
-    """Claim the oldest queued, unleased job, or None. Skips rows other workers have locked (Postgres)."""
-    now = _now(now)
-    # Lock exactly one candidate: locking more would hide them from other workers until we commit.
-    candidate = (
-        select(Job.id)
-        .where(Job.state == "queued", Job.cancel_requested.is_(False), Job.lease_owner.is_(None))
-        .order_by(Job.created_at, Job.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
-    job_id = session.execute(candidate).scalar_one_or_none()
-    if job_id is None or not claim(session, job_id, worker_id, lease_seconds, now=now):
-        return None
-    return session.get(Job, job_id)
-
-
-def heartbeat(
-    session: Session, job_id: str, worker_id: str, lease_seconds: float, *, now: datetime | None = None
-) -> bool:
-    """Renew the lease; returns whether cancellation was requested. LeaseLost if it is not ours."""
-    now = _now(now)
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.state.in_(ACTIVE_STATES))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    if session.execute(stmt).rowcount != 1:
-        raise LeaseLost(f"job {job_id}: worker {worker_id} lost its lease")
-    return bool(session.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar_one())
-
-
-def release(session: Session, job_id: str, worker_id: str, *, now: datetime | None = None) -> None:
-    """Give a claimed job back to the queue without a failure (e.g. a worker shutting down)."""
-    job = _require_job(session, job_id)
-    _check_lease(job, worker_id)
-    if job.state in RUNNING_STATES:
-        transition(session, job, "queued", worker_id=worker_id, now=now, message="released by worker")
-    else:
-        job.lease_owner = None
-        job.lease_expires_at = None
-        job.updated_at = _now(now)
-    job.attempts = max(job.attempts - 1, 0)  # an orderly hand-back does not use up an attempt
-    session.flush()
-
-
 def request_cancel(session: Session, job_id: str, *, now: datetime | None = None) -> Job:
     """Cancel a job: at once if no worker holds it, else by flag (the worker sees it on heartbeat).
 
     Canceling a canceled job is a no-op; canceling a succeeded or failed one is IllegalTransition.
     """
-    now = _now(now)
-    job = _require_job(session, job_id)
+    now = at_or_now(now)
+    job = require_job(session, job_id)
     if job.state == "canceled":
         return job
     if job.state in TERMINAL_STATES:
@@ -397,55 +301,6 @@ def request_cancel(session: Session, job_id: str, *, now: datetime | None = None
         session.flush()
         append_event(session, job, now=now, fraction=job.progress, message="cancel requested")
     return job
-
-
-def expired_leases(session: Session, now: datetime | None = None) -> list[Job]:
-    """Unfinished jobs whose worker stopped renewing its lease."""
-    stmt = (
-        select(Job)
-        .where(Job.state.in_(ACTIVE_STATES), Job.lease_owner.is_not(None), Job.lease_expires_at < _now(now))
-        .order_by(Job.lease_expires_at)
-    )
-    return list(session.execute(stmt).scalars().all())
-
-
-def requeue(session: Session, job: Job | str, max_attempts: int, *, now: datetime | None = None) -> Job:
-    """Handle a lost worker: back to queued, or failed 'worker_lost' after ``max_attempts`` starts.
-
-    A job whose cancellation was requested is canceled instead.
-    """
-    job = _require_job(session, job if isinstance(job, str) else job.id)
-    if job.cancel_requested:
-        return transition(session, job, "canceled", now=now, message="canceled (worker lost)")
-    if job.attempts >= max_attempts:
-        return transition(
-            session,
-            job,
-            "failed",
-            now=now,
-            error_code=WORKER_LOST,
-            error_message=f"the worker stopped responding {job.attempts} times (max_attempts {max_attempts})",
-            message="worker lost; no attempts left",
-        )
-    return transition(session, job, "queued", now=now, message="worker lost; re-queued")
-
-
-def reap_expired(session: Session, max_attempts: int, *, now: datetime | None = None) -> list[Job]:
-    """Requeue (or fail) every job with an expired lease; returns the jobs it changed.
-
-    Each row is re-checked under its lock with SKIP LOCKED, so two reapers, or a reaper racing a late
-    heartbeat, never act on the same job twice.
-    """
-    now = _now(now)
-    changed = []
-    for stale in expired_leases(session, now):
-        job = lock_job(session, stale.id, skip_locked=True)
-        if job is None or job.state not in ACTIVE_STATES or job.lease_owner is None:
-            continue
-        if job.lease_expires_at is None or job.lease_expires_at >= now:
-            continue  # renewed meanwhile
-        changed.append(requeue(session, job, max_attempts, now=now))
-    return changed
 
 
 def count_active_jobs(session: Session, owner_key_id: str) -> int:

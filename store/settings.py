@@ -68,11 +68,6 @@ class Settings(BaseSettings):
         description="Celery broker URL. Empty: sqla+sqlite:///<data_dir>/broker.db (kombu's SQLAlchemy "
         "transport, needs no server). Production: redis://127.0.0.1:6379/0.",
     )
-    result_backend: str = Field(
-        default="",
-        description="Celery result backend. Empty: db+sqlite:///<data_dir>/celery-results.db. Job state "
-        "itself lives in the jobs table; this only backs Celery's own bookkeeping.",
-    )
 
     # --- job leases and retries --------------------------------------------------------------------
     lease_seconds: int = Field(
@@ -132,8 +127,6 @@ class Settings(BaseSettings):
             self.work_dir = self.data_dir / "work"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
-        if not self.result_backend:
-            self.result_backend = f"db+sqlite:///{self.data_dir / 'celery-results.db'}"
         if self.heartbeat_seconds >= self.lease_seconds:
             raise ValueError(
                 f"heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than lease_seconds "

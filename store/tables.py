@@ -42,18 +42,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATES = (
-    "queued",
-    "preparing",
-    "pruning",
-    "compressing",
-    "distilling",
-    "evaluating",
-    "exporting",
-    "succeeded",
-    "failed",
-    "canceled",
-)
 MODEL_SOURCES = ("upload", "job", "builtin")
 
 
@@ -154,7 +142,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     owner_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="SET NULL"))
-    state: Mapped[str] = mapped_column(String(16), default="queued")  # one of JOB_STATES
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # one of store.jobs.JOB_STATES
     stage: Mapped[str | None] = mapped_column(String(32))  # last pipeline stage entered
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # fraction of the current stage, 0..1
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)

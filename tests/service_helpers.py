@@ -117,9 +117,9 @@ def uvicorn_server(env: dict[str, str], port: int, log_path: Path) -> Iterator[s
 
 
 def create_key(env: dict[str, str], name: str) -> str:
-    """A raw API key made by the real CLI (`python -m api.cli keys create NAME`)."""
+    """A raw API key made by the real CLI (`python -m srcompress keys create NAME`)."""
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", name],
+        [sys.executable, "-m", "srcompress", "keys", "create", name],
         env={**os.environ, **env},
         cwd=REPO,
         capture_output=True,

@@ -25,9 +25,8 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from core.complexity import count_params
-from core.models import create_model
+from core.models.build import create_model
 from store.db import migrate
-from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import (
     create_key,
     parse_sse,
@@ -38,6 +37,7 @@ from tests.service_helpers import (
     wait_for,
     zip_bytes,
 )
+from tests.stores import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -542,7 +542,7 @@ def test_upscale_full_queue_answers_503(alice, rlfn_model):
 def test_upscale_switches_to_the_measured_fastest_backend(stack, alice, rlfn_model):
     """upscale_backend=auto (the default): the first request is served eagerly at once while the API
     measures the model's backends in the background; once the decision is on disk, requests use it."""
-    from core.inference import BACKENDS
+    from core.infer.runners import BACKENDS
 
     model_id = rlfn_model[0]["id"]
     image = {"file": ("a.png", png_bytes(32, 32))}

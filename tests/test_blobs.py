@@ -18,7 +18,7 @@ from store.blobs import (
     upload_dir,
 )
 from store.settings import Settings
-from store.testing import moto_s3_server
+from tests.stores import moto_s3_server
 
 CREDENTIALS = {"access_key": "testing", "secret_key": "testing"}
 UNSAFE_KEYS = [
@@ -51,6 +51,7 @@ def store(request, tmp_path):
     return S3BlobStore(f"bucket-{os.urandom(4).hex()}", endpoint_url=endpoint, **CREDENTIALS)
 
 
+@pytest.mark.slow
 def test_bytes_round_trip(store):
     store.put_bytes(
         "models/m1/weights.safetensors", b"\x00weights\xff", content_type="application/octet-stream"

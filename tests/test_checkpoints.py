@@ -11,16 +11,9 @@ import torch
 from PIL import Image
 
 from core.errors import CheckpointError, UserError
-from core.models import (
-    PRESETS,
-    build_model,
-    detect_config,
-    load_checkpoint,
-    load_model,
-    preset_config,
-    read_state_dict,
-    save_model,
-)
+from core.models.build import build_model
+from core.models.checkpoint import detect_config, load_checkpoint, load_model, read_state_dict, save_model
+from core.models.presets import PRESETS, preset_config
 
 INPUT = torch.rand(1, 3, 16, 20, generator=torch.Generator().manual_seed(1))
 # Smallest inputs that exercise each family (SwinIR still pads 12 -> 16; RLFN's ESA needs >= 15 px).
@@ -77,6 +70,7 @@ def official_config(name: str):
     return preset_config(name, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_official_layouts_round_trip(name, tmp_path):
     config = official_config(name)
@@ -121,6 +115,7 @@ def test_edsr_pytorch_mean_convs_are_loaded_and_used(tmp_path):
         torch.testing.assert_close(loaded(INPUT), model(INPUT) + 0.01, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_detection_of_scales_and_non_preset_shapes(tmp_path):
     cases = [
         preset_config("edsr_baseline", 3),
@@ -154,6 +149,7 @@ def test_params_ema_wins_and_module_prefix_is_stripped(tmp_path):
         assert torch.equal(loaded(INPUT), model(INPUT))
 
 
+@pytest.mark.slow
 def test_swinir_without_deterministic_buffers_still_loads(tmp_path):
     model = seeded(build_model(preset_config("swinir_mini", 2)))
     sd = {
@@ -307,6 +303,7 @@ def test_srcompress_directory_errors(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_bare_safetensors_is_detected(tmp_path):
     from safetensors.torch import save_file
 
@@ -354,6 +351,7 @@ def y_psnr(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     return 10 * np.log10(255**2 / np.mean(diff**2))
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_real_rlfn_s_x2_reproduces_published_set5(shared_weights, shared_data):
     """RLFN-S x2 on Set5: the official code gives 38.047 dB here (data README); bicubic ~33.7."""

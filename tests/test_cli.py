@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.cli import main as cli
+from srcompress.cli import main as cli
 
 
 @pytest.fixture
@@ -30,6 +30,7 @@ def test_upscale_writes_the_image_and_says_when_weights_are_random(picture, tmp_
     assert "random weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_upscale_with_real_weights_says_nothing_about_them(picture, tmp_path, capsys, shared_weights):
     weights = str(shared_weights / "RLFN_s_x2.pth")
     argv = ["upscale", "rlfn_s", "--scale", "2", "--weights", weights, "--backend", "eager"]

@@ -6,7 +6,8 @@ from torch import nn
 
 from core.complexity import ParamCount, count_macs, count_params, default_lr_size
 from core.errors import UserError
-from core.models import create_model, preset_config
+from core.models.build import create_model
+from core.models.presets import preset_config
 
 
 def meta_model(name: str, scale: int = 2, **overrides) -> nn.Module:
@@ -27,6 +28,7 @@ TABLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TABLE))
 def test_x2_presets_match_the_reference_figures(name):
     total, excl_rpb, gmacs = TABLE[name]
@@ -75,11 +77,13 @@ def test_edsr_baseline_macs_are_exact_conv_macs():
         ("rlfn_s", 4, (21, 17), {}),
     ],
 )
+@pytest.mark.slow
 def test_meta_counts_equal_real_counts(name, scale, lr_size, overrides):
     real = create_model(name, scale, **overrides)
     assert count_macs(real, lr_size, on_meta=True) == count_macs(real, lr_size, on_meta=False)
 
 
+@pytest.mark.slow
 def test_swinir_x4_counts_its_padding():
     """LR 320x180 is padded to 320x184 inside SwinIR; the counted forward includes the padded rows."""
     model = meta_model("swinir_lightweight", 4)
@@ -96,6 +100,7 @@ def test_default_lr_sizes():
         default_lr_size(8)
 
 
+@pytest.mark.slow
 def test_count_macs_keeps_the_callers_model_untouched():
     model = create_model("rlfn_s", 2)
     model.train()

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from store.settings import Settings
-from store.testing import free_port, postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import unavailable
+from tests.stores import free_port, postgres_unavailable_reason, throwaway_postgres_database
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]  # needs PostgreSQL/Redis/S3 or starts processes
 

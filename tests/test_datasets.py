@@ -230,6 +230,7 @@ def test_set14_bridge_grayscale_is_loaded_as_rgb(shared_data):
         ("Set5", 4, 28.431, 0.8113),
     ],
 )
+@pytest.mark.slow
 def test_bicubic_reference_figures(shared_data, benchmark_set, scale, psnr, ssim):
     progress = []
     result = evaluate(

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.inference import OnnxRuntimeRunner, TorchRunner
-from core.models import create_model
+from core.infer.runners import OnnxRuntimeRunner, TorchRunner
+from core.models.build import create_model
 from core.models.fold import has_foldable_tail, subpixel_conv, with_folded_tail
 
 

@@ -25,9 +25,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from core.models import create_model
-from store.testing import free_port
+from core.models.build import create_model
 from tests.service_helpers import create_key, png_bytes, uvicorn_server, zip_bytes
+from tests.stores import free_port
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

@@ -43,6 +43,7 @@ def reference_imresize(img: np.ndarray, scale: float) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("benchmark_set", SETS)
 def test_reproduces_every_benchmark_lr_file_bit_for_bit(shared_data, benchmark_set):

@@ -1,11 +1,10 @@
-"""Tiled upscaling, backends, backend choice and file round trips (core.inference, method.md §9)."""
+"""Tiled upscaling, backends, backend choice and file round trips (core.infer, method.md §9)."""
 
 from __future__ import annotations
 
 import io
 import json
 import time
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -14,23 +13,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-import core.inference as inference
+import core.infer.runners as runners
+import core.infer.tiling as tiling
+import core.infer.tuning as tuning
 from core.errors import UserError
-from core.inference import (
-    BACKENDS,
-    auto_tile_size,
-    axis_starts,
-    candidate_backends,
-    choose_backend,
-    decision_path,
-    plan_tiles,
-    prepare_backend,
-    tile_weights,
-    upscale_array,
-    upscale_file,
-    upscale_tiled,
-)
-from core.models import create_model
+from core.infer.runners import BACKENDS
+from core.infer.tiling import auto_tile_size, axis_starts, plan_tiles, tile_weights, upscale_tiled
+from core.infer.tuning import candidate_backends, choose_backend, decision_path, prepare_backend
+from core.infer.upscale import upscale_array, upscale_file
+from core.models.build import create_model
+from core.models.config import EDSRConfig
 
 TILED_PRESETS = ("edsr_mini", "rlfn_s", "swinir_mini")
 
@@ -85,16 +77,17 @@ def test_plan_tiles_are_multiples_of_8_and_weights_never_vanish():
 def test_auto_tile_size_whole_image_when_it_fits_else_multiple_of_8(models):
     model = models["edsr_mini"]
     assert auto_tile_size(model, 360, 640) == 640  # 640x360 fits the 1 GiB CPU budget
-    per_pixel = inference.activation_bytes_per_lr_pixel(model)
+    per_pixel = tiling.activation_bytes_per_lr_pixel(model)
     tile = auto_tile_size(model, 1080, 1920, budget_bytes=300 * 300 * per_pixel)
     assert tile == 296
-    assert auto_tile_size(model, 4000, 4000, budget_bytes=2000 * 2000 * per_pixel) == inference.MAX_AUTO_TILE
+    assert auto_tile_size(model, 4000, 4000, budget_bytes=2000 * 2000 * per_pixel) == tiling.MAX_AUTO_TILE
     assert auto_tile_size(model, 4000, 4000, budget_bytes=4000 * 4000 * per_pixel) == 4000
 
 
 # ------------------------------------------------------------------------------------------ tiled vs whole
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", TILED_PRESETS)
 def test_tiled_upscale_matches_whole_image(models, preset):
     model = models[preset]
@@ -181,6 +174,7 @@ def test_out_of_memory_retries_at_half_tile(models):
 # ------------------------------------------------------------------------------------------ backends
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", TILED_PRESETS)
 def test_backends_agree_with_eager(models, preset, tmp_path):
     model = models[preset]
@@ -198,6 +192,7 @@ def test_backends_agree_with_eager(models, preset, tmp_path):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_onnxruntime_runner_caches_graphs_on_disk(models, tmp_path):
     model = models["swinir_mini"]
     runner = prepare_backend(model, "onnxruntime", tmp_path)
@@ -217,9 +212,10 @@ def test_onnxruntime_runner_caches_graphs_on_disk(models, tmp_path):
     assert len(edsr_runner.sessions) == 1
 
 
+@pytest.mark.slow
 def test_fused_attention_matches_swinir_attention(models):
     model = models["swinir_mini"]
-    fused = inference.with_fused_attention(model)
+    fused = runners.with_fused_attention(model)
     assert fused is not model
     with torch.inference_mode():
         for batch, height, width in [(1, 64, 64), (2, 24, 40), (1, 16, 16)]:  # img_size mask, other sizes
@@ -233,7 +229,7 @@ class InfiniteInBF16(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.config = SimpleNamespace(family="edsr", scale=2)
+        self.config = EDSRConfig(scale=2)
         self.conv = nn.Conv2d(3, 12, 3, padding=1)
         self.shuffle = nn.PixelShuffle(2)
 
@@ -257,7 +253,7 @@ def test_bf16_falls_back_to_fp32_on_non_finite_output():
 def test_fp16_never_for_swinir(models, monkeypatch):
     with pytest.raises(UserError, match="SwinIR"):
         prepare_backend(models["swinir_mini"], "fp16")
-    monkeypatch.setattr(inference, "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(tuning, "model_device", lambda model: torch.device("cuda"))
     assert "fp16" in candidate_backends(models["edsr_mini"])
     assert "fp16" not in candidate_backends(models["swinir_mini"])
     assert "sdpa" in candidate_backends(models["swinir_mini"])  # fused attention: SwinIR only
@@ -277,6 +273,7 @@ def tiny_eval_dir(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_choose_backend_caches_its_decision(models, tmp_path, tiny_eval_dir, monkeypatch):
     model = models["edsr_mini"]
     speeds = {"eager": 1.0, "channels_last": 0.6, "onnxruntime": 0.4}
@@ -286,7 +283,7 @@ def test_choose_backend_caches_its_decision(models, tmp_path, tiny_eval_dir, mon
         measured.extend(runners)
         return {name: speeds.get(name, 1.0) for name in runners}  # bf16 only where the CPU has it
 
-    monkeypatch.setattr(inference, "time_runners", fake_time)
+    monkeypatch.setattr(tuning, "time_runners", fake_time)
     cache = tmp_path / "cache"
     picked = choose_backend(model, cache, eval_dir=tiny_eval_dir, timing_lr_size=(32, 32))
     assert picked == "onnxruntime"  # the fastest, and its PSNR equals fp32's
@@ -298,27 +295,28 @@ def test_choose_backend_caches_its_decision(models, tmp_path, tiny_eval_dir, mon
     print(f"decision: {record['backend']}, fp32 PSNR {record['psnr_fp32']:.3f} dB, trials {trials}")
 
     measured.clear()
-    monkeypatch.setattr(inference, "measure_backends", lambda *a, **k: pytest.fail("re-measured"))
+    monkeypatch.setattr(tuning, "measure_backends", lambda *a, **k: pytest.fail("re-measured"))
     assert choose_backend(model, cache) == "onnxruntime"
     assert measured == []
 
 
+@pytest.mark.slow
 def test_choose_backend_rejects_inaccurate_and_slow_paths(models, tmp_path, tiny_eval_dir, monkeypatch):
     model = models["swinir_mini"]
     monkeypatch.setattr(
-        inference,
+        tuning,
         "time_runners",
         lambda runners, lr, repeats=5: {n: 1.0 if n == "eager" else 0.5 for n in runners},
     )
-    real_psnr = inference.mean_psnr
+    real_psnr = tuning.mean_psnr
     monkeypatch.setattr(
-        inference,
+        tuning,
         "mean_psnr",
         lambda model, runner, images: (
             real_psnr(model, runner, images) - (0.2 if runner.name == "bf16" else 0.0)
         ),
     )
-    decision = inference.measure_backends(
+    decision = tuning.measure_backends(
         model,
         tmp_path,
         eval_dir=tiny_eval_dir,
@@ -331,19 +329,17 @@ def test_choose_backend_rejects_inaccurate_and_slow_paths(models, tmp_path, tiny
     assert decision.backend == "channels_last"
 
     monkeypatch.setattr(
-        inference,
+        tuning,
         "time_runners",
         lambda runners, lr, repeats=5: {n: 1.0 if n == "eager" else 2.0 for n in runners},
     )
-    decision = inference.measure_backends(
-        model, tmp_path, eval_dir=tiny_eval_dir, candidates=["channels_last"]
-    )
+    decision = tuning.measure_backends(model, tmp_path, eval_dir=tiny_eval_dir, candidates=["channels_last"])
     assert decision.backend == "eager" and decision.psnr_fp32 is None  # nothing faster: no evaluation needed
 
 
 def test_timing_size_grows_for_quick_models():
-    assert inference.default_timing_size(lambda lr: lr) == inference.QUICK_MODEL_TIMING_SIZE == (640, 360)
-    assert inference.default_timing_size(lambda lr: time.sleep(0.2)) == (128, 128)
+    assert tuning.default_timing_size(lambda lr: lr) == tuning.QUICK_MODEL_TIMING_SIZE == (640, 360)
+    assert tuning.default_timing_size(lambda lr: time.sleep(0.2)) == (128, 128)
 
 
 def test_backend_names():

@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from core.models import create_model, parse_config
+from core.models.build import create_model
+from core.models.config import parse_config
 from store import jobs as store_jobs
 from store.db import migrate
-from store.testing import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import (
     REPO,
     create_key,
@@ -41,6 +41,7 @@ from tests.service_helpers import (
     wait_until_healthy,
     zip_bytes,
 )
+from tests.stores import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -48,16 +49,17 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 JOB_TIMEOUT_S = 420
 
 
-def test_api_sends_the_task_the_worker_consumes():
-    from api.deps import TASK_NAME, TASK_QUEUE
-    from worker.app import JOBS_QUEUE, RUN_JOB_TASK
+def test_the_worker_consumes_the_task_the_api_sends():
+    import worker.tasks  # noqa: F401 - registers the task
+    from store.queue import TASK_NAME, TASK_QUEUE
+    from worker.app import app
 
-    assert (TASK_NAME, TASK_QUEUE) == (RUN_JOB_TASK, JOBS_QUEUE)
+    assert TASK_NAME in app.tasks and app.conf.task_default_queue == TASK_QUEUE
 
 
 @contextmanager
 def celery_worker(env: dict[str, str], log_path: Path):
-    from api.cli import worker_command
+    from store.queue import worker_command
 
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -115,7 +117,7 @@ def embedded_stack(tmp: Path):
     port = free_port()
     log_path = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRCOMPRESS_")}
-    command = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data")]
+    command = [sys.executable, "-m", "srcompress", "serve", "--port", str(port), "--data-dir", str(tmp / "data")]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:

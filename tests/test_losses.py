@@ -141,6 +141,7 @@ def test_charbonnier_eps_is_squared_under_the_root() -> None:
     assert float(charbonnier_loss(x + 0.3, x)) == pytest.approx(np.sqrt(0.09 + 1e-6), abs=1e-15)
 
 
+@pytest.mark.slow
 def test_gradients_flow_to_the_student_only() -> None:
     x, y = reference_inputs(torch.float32)
     student = x.clone().requires_grad_(True)

@@ -13,8 +13,8 @@ from sqlalchemy import inspect
 
 from store.db import alembic_config, make_engine, migrate
 from store.tables import Base
-from store.testing import postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import unavailable
+from tests.stores import postgres_unavailable_reason, throwaway_postgres_database
 
 pytestmark = [pytest.mark.service]  # needs PostgreSQL/Redis/S3 or starts processes
 

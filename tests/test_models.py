@@ -5,18 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from core.models import (
-    PRESETS,
-    EDSRConfig,
-    RLFNConfig,
-    SwinIRConfig,
-    build_model,
-    create_model,
-    deep_feature_weights,
-    parse_config,
-    preset_config,
-)
+from core.models.build import build_model, create_model, deep_feature_weights
+from core.models.config import EDSRConfig, RLFNConfig, SwinIRConfig, parse_config
 from core.models.edsr import DIV2K_RGB_MEAN
+from core.models.presets import PRESETS, preset_config
 from core.models.swinir import relative_position_index, shifted_window_mask, window_partition, window_reverse
 
 
@@ -104,6 +96,7 @@ def test_rlfn_closed_form(c, scale):
         assert n_params(model) == rlfn_closed_form(c, scale)
 
 
+@pytest.mark.slow
 def test_official_key_names_and_entry_counts():
     edsr = create_model("edsr_baseline", 2).state_dict()
     assert {"conv_first.weight", "body.15.conv2.bias", "conv_after_body.weight", "upsample.0.weight"} <= set(
@@ -215,6 +208,7 @@ def test_edsr_forward_matches_basicsr_semantics(res_scale):
         torch.testing.assert_close(model(x), reference_edsr(model, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_zero_network_returns_its_mean_shift():
     """With every weight zero the output is the constant the model adds back: the DIV2K mean or 0."""
     x = torch.rand(1, 3, 16, 16)
@@ -244,6 +238,7 @@ def test_swinir_pads_only_when_needed():
         model(torch.rand(1, 3, 3, 16))
 
 
+@pytest.mark.slow
 def test_swinir_img_size_only_selects_the_cached_mask():
     """img_size decides which mask is stored; outputs at any size must not depend on it."""
     a = seeded(create_model("swinir_mini", 2, depths=(2, 2), num_heads=6, img_size=32))
@@ -256,6 +251,7 @@ def test_swinir_img_size_only_selects_the_cached_mask():
             torch.testing.assert_close(a(x), b(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_swinir_drop_path_only_in_training():
     model = seeded(create_model("swinir_mini", 2, depths=(2, 2), num_heads=6, drop_path_rate=0.5))
     x = torch.rand(2, 3, 16, 16)

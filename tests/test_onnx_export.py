@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.models import create_model
+from core.models.build import create_model
 from core.onnx_export import depth_to_space_modes, export_onnx, onnx_parity, ort_session
 
 PARITY_TOLERANCE = 1e-4
@@ -18,6 +18,7 @@ def random_lr(batch: int, height: int, width: int, seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize(
     ("preset", "scale"), [("edsr_mini", 2), ("rlfn_s", 2), ("edsr_mini", 3), ("edsr_mini", 4)]
 )
+@pytest.mark.slow
 def test_convolutional_models_export_dynamic_with_parity(preset, scale, tmp_path):
     torch.manual_seed(0)
     model = create_model(preset, scale).eval()
@@ -31,6 +32,7 @@ def test_convolutional_models_export_dynamic_with_parity(preset, scale, tmp_path
     assert traced < PARITY_TOLERANCE and other < PARITY_TOLERANCE
 
 
+@pytest.mark.slow
 def test_swinir_exports_per_size_with_parity(tmp_path):
     torch.manual_seed(0)
     model = create_model("swinir_mini", 2).eval()

@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.cli import main as cli
 from core.data.sample import sample_dir
 from core.errors import UserError
-from core.pipeline import CompressionReport, JobConfig, run_pipeline
+from core.job import CompressionReport, JobConfig
+from core.pipeline import run_pipeline
+from srcompress.cli import main as cli
 
 TINY = dict(
     prune_iters=6,
@@ -63,6 +64,7 @@ def tiny_config(teacher: Path, images: Path, **changes) -> JobConfig:
     )
 
 
+@pytest.mark.slow
 def test_tiny_run_produces_every_artifact(tmp_path, teacher, tiny_images):
     events = []
     report = run_pipeline(
@@ -102,13 +104,14 @@ def test_tiny_run_produces_every_artifact(tmp_path, teacher, tiny_images):
 
 def _cli_compress(teacher: Path, images: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "core.cli", "compress", "rlfn_s", "--scale", "2", "--teacher", str(teacher),
+        sys.executable, "-m", "srcompress", "compress", "rlfn_s", "--scale", "2", "--teacher", str(teacher),
         "--train", str(images), "--val", str(images), "--target-params", "20000",
         "--prune-iters", "6", "--distill-iters", "40", "--batch-size", "2", "--patch-size", "16",
         "--validate-every", "20", "--checkpoint-every", "2", "--device", "cpu", "--out", str(out), *extra,
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_bit_identical_weights(tmp_path, teacher, tiny_images):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same kernels in every process
     reference = tmp_path / "reference"

@@ -11,7 +11,8 @@ from PIL import Image
 from core.compress.stage import CompressConfig, run_compress
 from core.data.datasets import TrainImages
 from core.distill.stage import DistillConfig, run_distill
-from core.models import build_model, create_model, preset_config
+from core.models.build import build_model, create_model
+from core.models.presets import preset_config
 from core.prune.stage import PruneConfig, run_prune
 
 
@@ -22,6 +23,7 @@ from core.prune.stage import PruneConfig, run_prune
         ("swinir_lightweight", 0.089, (24, 4, 3), 98_868),
     ],
 )
+@pytest.mark.slow
 def test_compress_reproduces_the_papers_students(preset, density, expected, params):
     result = run_compress(preset_config(preset, 2), density, CompressConfig())
     assert tuple(result.chosen) == expected
@@ -30,6 +32,7 @@ def test_compress_reproduces_the_papers_students(preset, density, expected, para
     assert result.rule.policy.nb_rounding == "paper-compat"
 
 
+@pytest.mark.slow
 def test_compress_target_mode_and_ineffective_pruning():
     teacher = preset_config("rlfn_s", 2)
     result = run_compress(teacher, 0.998, CompressConfig(target_params=45_000))
@@ -83,6 +86,7 @@ def test_prune_with_a_strong_lambda_zeroes_weights(family, patches, tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["edsr", "swinir", "rlfn"])
 @pytest.mark.parametrize("cached", [False, True])
 def test_distill_runs_on_every_family_with_a_frozen_teacher(family, cached, patches, tmp_path):
@@ -116,10 +120,11 @@ def test_cached_teacher_targets_match_per_patch_targets_inside(patches):
     assert torch.allclose(direct_inner, cached_inner, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_inherit_starts_the_student_from_the_teachers_weights(shared_weights, shared_data):
     from core.distill.inherit import evenly_spaced, inherit_weights
     from core.evaluate import evaluate_dataset
-    from core.models import load_checkpoint
+    from core.models.checkpoint import load_checkpoint
 
     teacher, _ = load_checkpoint(shared_weights / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
     set5 = shared_data / "benchmark" / "Set5"
@@ -141,6 +146,7 @@ def test_inherit_starts_the_student_from_the_teachers_weights(shared_weights, sh
     inherit_weights(edsr_student, create_model("edsr_baseline", 2))  # PixelShuffle groups line up
 
 
+@pytest.mark.slow
 def test_swinir_inherit_is_head_aware():
     """swinir_lightweight (60 dims, head_dim 10) -> swinir_mini (24 dims, head_dim 4), 6 heads each."""
     from core.distill.inherit import evenly_spaced, inherit_weights

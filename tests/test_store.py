@@ -9,12 +9,12 @@ from pydantic import ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from store import apikeys, jobs
+from store import apikeys, jobs, leases
 from store.db import init_db, make_engine, read_session_factory, session_factory
 from store.settings import Settings
 from store.tables import Base, Job, JobEvent, Model
-from store.testing import postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import unavailable
+from tests.stores import postgres_unavailable_reason, throwaway_postgres_database
 
 pytestmark = [pytest.mark.service]  # needs PostgreSQL/Redis/S3 or starts processes
 
@@ -82,9 +82,7 @@ def test_settings_defaults_need_no_server(tmp_path, monkeypatch):
     assert settings.data_dir == data_dir
     assert settings.database_url == f"sqlite:///{data_dir / 'srcompress.db'}"
     assert settings.blob_backend == "local" and settings.blob_dir == data_dir / "blobs"
-    assert settings.broker_url.startswith("sqla+sqlite:///") and settings.result_backend.startswith(
-        "db+sqlite"
-    )
+    assert settings.broker_url.startswith("sqla+sqlite:///")
     assert (settings.lease_seconds, settings.heartbeat_seconds, settings.max_attempts) == (60, 10, 3)
     assert settings.max_running_jobs_per_key == 2 and settings.idempotency_ttl_seconds == 86400
     assert settings.max_upload_bytes == 20 * 2**20 and settings.max_pixels == 4096 * 4096
@@ -171,7 +169,7 @@ def test_transition_table():
 def test_full_run_appends_one_event_per_change(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as session:
-        assert jobs.claim(session, job_id, "w1", LEASE, now=T0)
+        assert leases.claim(session, job_id, "w1", LEASE, now=T0)
         assert session.get(Job, job_id).state == "preparing"  # claimed: out of queued at once
         for minute, stage in enumerate(jobs.STAGES, start=1):
             job = jobs.transition(session, job_id, stage, worker_id="w1", now=T0 + timedelta(minutes=minute))
@@ -216,14 +214,14 @@ def test_illegal_transitions_are_rejected_and_change_nothing(sessions):
 def test_a_worker_without_the_lease_cannot_write(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as session:
-        assert jobs.claim(session, job_id, "w1", LEASE, now=T0)
+        assert leases.claim(session, job_id, "w1", LEASE, now=T0)
         jobs.transition(session, job_id, "pruning", worker_id="w1", now=T0)
     with pytest.raises(jobs.LeaseLost), sessions.begin() as session:
         jobs.transition(session, job_id, "compressing", worker_id="w2", now=T0)
     with pytest.raises(jobs.LeaseLost), sessions.begin() as session:
         jobs.report_progress(session, job_id, 0.5, worker_id="w2", now=T0)
     with pytest.raises(jobs.LeaseLost), sessions.begin() as session:
-        jobs.heartbeat(session, job_id, "w2", LEASE, now=T0)
+        leases.heartbeat(session, job_id, "w2", LEASE, now=T0)
     with sessions() as session:
         assert session.get(Job, job_id).state == "pruning"
 
@@ -296,11 +294,11 @@ def test_only_one_of_two_concurrent_claims_wins(sessions, engine):
     results = {}
     session_a = sessions()
     session_a.begin()
-    results["a"] = jobs.claim(session_a, job_id, "worker-a", LEASE, now=T0)
+    results["a"] = leases.claim(session_a, job_id, "worker-a", LEASE, now=T0)
 
     def claim_b():
         with sessions.begin() as session_b:
-            results["b"] = jobs.claim(session_b, job_id, "worker-b", LEASE, now=T0)
+            results["b"] = leases.claim(session_b, job_id, "worker-b", LEASE, now=T0)
 
     thread = threading.Thread(target=claim_b)
     thread.start()
@@ -327,7 +325,7 @@ def test_racing_claimers_have_exactly_one_winner(sessions):
         try:
             barrier.wait()
             with sessions.begin() as session:
-                if jobs.claim(session, job_id, name, LEASE, now=T0):
+                if leases.claim(session, job_id, name, LEASE, now=T0):
                     winners.append(name)
         except Exception as error:  # surfaced below
             errors.append(error)
@@ -344,12 +342,12 @@ def test_claim_next_hands_out_distinct_jobs(sessions):
     first, second = new_job(sessions), new_job(sessions)
     session_a = sessions()
     session_a.begin()
-    got_a = jobs.claim_next(session_a, "a", LEASE, now=T0)
+    got_a = leases.claim_next(session_a, "a", LEASE, now=T0)
     got = {}
 
     def other():
         with sessions.begin() as session_b:
-            job = jobs.claim_next(session_b, "b", LEASE, now=T0)
+            job = leases.claim_next(session_b, "b", LEASE, now=T0)
             got["b"] = job.id if job else None
 
     thread = threading.Thread(target=other)
@@ -360,23 +358,23 @@ def test_claim_next_hands_out_distinct_jobs(sessions):
     thread.join(30)
     assert {got_a.id, got["b"]} == {first, second}
     with sessions.begin() as session:
-        assert jobs.claim_next(session, "c", LEASE, now=T0) is None
+        assert leases.claim_next(session, "c", LEASE, now=T0) is None
 
 
 def test_heartbeat_renews_the_lease_and_reports_cancel(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as session:
-        jobs.claim(session, job_id, "w1", LEASE, now=T0)
+        leases.claim(session, job_id, "w1", LEASE, now=T0)
         jobs.transition(session, job_id, "distilling", worker_id="w1", now=T0)
-        assert jobs.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=50)) is False
+        assert leases.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=50)) is False
         # The old expiry (T0+60) has passed, the renewed one (T0+110) has not.
-        assert jobs.reap_expired(session, max_attempts=3, now=T0 + timedelta(seconds=100)) == []
+        assert leases.reap_expired(session, max_attempts=3, now=T0 + timedelta(seconds=100)) == []
         job = jobs.request_cancel(session, job_id, now=T0 + timedelta(seconds=101))
         assert job.state == "distilling" and job.cancel_requested
-        assert jobs.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=102)) is True
+        assert leases.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=102)) is True
         jobs.transition(session, job_id, "canceled", worker_id="w1", now=T0 + timedelta(seconds=103))
     with pytest.raises(jobs.LeaseLost), sessions.begin() as session:
-        jobs.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=104))
+        leases.heartbeat(session, job_id, "w1", LEASE, now=T0 + timedelta(seconds=104))
     with sessions() as session:
         assert [state for _, state in states_of_events(session, job_id)][-3:] == ["distilling"] * 2 + [
             "canceled"
@@ -388,7 +386,7 @@ def test_cancel_queued_job_at_once_and_refuse_finished(sessions):
     with sessions.begin() as session:
         assert jobs.request_cancel(session, queued_id, now=T0).state == "canceled"
         assert jobs.request_cancel(session, queued_id, now=T0).state == "canceled"  # idempotent
-        assert not jobs.claim(session, queued_id, "w1", LEASE, now=T0)
+        assert not leases.claim(session, queued_id, "w1", LEASE, now=T0)
         jobs.transition(session, done_id, "evaluating", now=T0)
         jobs.transition(session, done_id, "succeeded", now=T0)
     with pytest.raises(jobs.IllegalTransition, match="already succeeded"), sessions.begin() as session:
@@ -401,13 +399,13 @@ def test_lost_workers_requeue_then_fail_worker_lost(sessions):
     clock = T0
     for attempt in range(1, max_attempts + 1):
         with sessions.begin() as session:
-            assert jobs.claim(session, job_id, f"w{attempt}", LEASE, now=clock)
+            assert leases.claim(session, job_id, f"w{attempt}", LEASE, now=clock)
             jobs.transition(session, job_id, "pruning", worker_id=f"w{attempt}", now=clock)
         with sessions.begin() as session:
-            assert jobs.expired_leases(session, clock + timedelta(seconds=LEASE - 1)) == []
+            assert leases.expired_leases(session, clock + timedelta(seconds=LEASE - 1)) == []
             clock += timedelta(seconds=LEASE + 1)
-            assert [job.id for job in jobs.expired_leases(session, clock)] == [job_id]
-            reaped = jobs.reap_expired(session, max_attempts, now=clock)
+            assert [job.id for job in leases.expired_leases(session, clock)] == [job_id]
+            reaped = leases.reap_expired(session, max_attempts, now=clock)
             assert [(job.id, job.attempts) for job in reaped] == [(job_id, attempt)]
         with sessions() as session:
             job = session.get(Job, job_id)
@@ -416,8 +414,8 @@ def test_lost_workers_requeue_then_fail_worker_lost(sessions):
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         assert job.error_code == jobs.WORKER_LOST and "3 times" in job.error_message
-        assert jobs.reap_expired(session, max_attempts, now=clock + timedelta(hours=1)) == []
-        assert not jobs.claim(session, job_id, "w4", LEASE, now=clock)
+        assert leases.reap_expired(session, max_attempts, now=clock + timedelta(hours=1)) == []
+        assert not leases.claim(session, job_id, "w4", LEASE, now=clock)
         messages = [e.message for e in jobs.events_after(session, job_id)]
         assert (
             messages.count("worker lost; re-queued") == 2 and messages[-1] == "worker lost; no attempts left"
@@ -427,10 +425,10 @@ def test_lost_workers_requeue_then_fail_worker_lost(sessions):
 def test_a_late_worker_cannot_resume_after_its_job_was_requeued(sessions):
     job_id = new_job(sessions)
     with sessions.begin() as session:
-        jobs.claim(session, job_id, "slow", LEASE, now=T0)
+        leases.claim(session, job_id, "slow", LEASE, now=T0)
         jobs.transition(session, job_id, "pruning", worker_id="slow", now=T0)
-        jobs.reap_expired(session, 3, now=T0 + timedelta(seconds=LEASE + 1))
-        assert jobs.claim(session, job_id, "fresh", LEASE, now=T0 + timedelta(seconds=LEASE + 2))
+        leases.reap_expired(session, 3, now=T0 + timedelta(seconds=LEASE + 1))
+        assert leases.claim(session, job_id, "fresh", LEASE, now=T0 + timedelta(seconds=LEASE + 2))
         # The resumed job may re-enter at the stage of its last checkpoint.
         jobs.transition(
             session, job_id, "distilling", worker_id="fresh", now=T0 + timedelta(seconds=LEASE + 3)
@@ -440,6 +438,6 @@ def test_a_late_worker_cannot_resume_after_its_job_was_requeued(sessions):
             session, job_id, "compressing", worker_id="slow", now=T0 + timedelta(seconds=LEASE + 4)
         )
     with sessions.begin() as session:
-        jobs.release(session, job_id, "fresh", now=T0 + timedelta(seconds=LEASE + 5))
+        leases.release(session, job_id, "fresh", now=T0 + timedelta(seconds=LEASE + 5))
         job = session.get(Job, job_id)
         assert (job.state, job.lease_owner, job.attempts) == ("queued", None, 1)  # release keeps the attempt

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -26,17 +25,18 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from store import jobs
+from store import jobs, leases
 from store.apikeys import create_api_key
 from store.blobs import BlobStore, make_blob_store, upload_dir
 from store.db import init_db, make_engine, session_factory
+from store.keys import work_prefix
+from store.queue import worker_command
 from store.settings import Settings
 from store.tables import Artifact, Dataset, Job, JobEvent, Model, utcnow
-from store.testing import moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 from tests.service_helpers import unavailable, wait_for
+from tests.stores import moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
 from worker.app import create_celery_app, enqueue_job
 from worker.reaper import PURGED_MESSAGE
-from worker.runner import work_prefix
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -86,11 +86,7 @@ class Stack:
 
     def start_worker(self, name: str) -> subprocess.Popen:
         log_path = self.tmp / f"{name}.log"
-        command = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
-            "--concurrency", "1", "-Q", "srcompress.jobs", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "--loglevel", "INFO", "-n", f"{name}@%h",
-        ]  # fmt: skip
+        command = [*worker_command("solo", hostname=f"{name}@%h"), "--without-heartbeat"]
         process = subprocess.Popen(
             command,
             cwd=REPO,
@@ -176,7 +172,8 @@ def workers(stack: Stack) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def inputs(stack: Stack) -> dict[str, str]:
     """An owner key, a teacher model (edsr_mini x2, random weights) and a 3-image dataset, stored."""
-    from core.models import create_model, save_model
+    from core.models.build import create_model
+    from core.models.checkpoint import save_model
 
     torch.manual_seed(0)
     save_model(create_model("edsr_mini", 2), stack.tmp / "teacher")
@@ -307,7 +304,7 @@ def test_job_succeeds_with_events_artifacts_and_a_registered_model(workers: Stac
     assert report["holdout"]["training_images"] == 5 and len(report["holdout"]["images"]) == 1
 
     # The registered model is a loadable srcompress model (weights + config from its blobs).
-    from core.models import load_checkpoint
+    from core.models.checkpoint import load_checkpoint
 
     folder = stack.tmp / f"result-{job_id}"
     stack.blobs.download_to(model.weights_key, folder / "model.safetensors")
@@ -407,9 +404,9 @@ def test_job_whose_worker_was_lost_max_attempts_times_fails_worker_lost(workers:
     for attempt in range(3):
         with stack.sessions.begin() as session:
             earlier = utcnow() - timedelta(seconds=60 - attempt)
-            assert jobs.claim(session, job_id, f"ghost-{attempt}", LEASE_SECONDS, now=earlier)
+            assert leases.claim(session, job_id, f"ghost-{attempt}", LEASE_SECONDS, now=earlier)
             if attempt < 2:
-                jobs.requeue(session, job_id, max_attempts=3, now=earlier)
+                leases.requeue(session, job_id, max_attempts=3, now=earlier)
     with stack.sessions.begin() as session:
         jobs.transition(
             session, job_id, "distilling", worker_id="ghost-2", now=utcnow() - timedelta(seconds=50)

@@ -7,7 +7,7 @@ lives in Celery: the jobs table is the source of truth, and a task only carries 
 - one job at a time per worker process (``worker_prefetch_multiplier=1``, concurrency 1): a GPU job
   holds the whole device, and a prefetched message would sit behind a job that runs for hours;
 - ``task_acks_late``: a message is acknowledged when its task returns. A redelivered duplicate is
-  harmless, since ``store.jobs.claim`` lets only one worker take a job, but recovery from a lost worker
+  harmless, since ``store.leases.claim`` lets only one worker take a job, but recovery from a lost worker
   does not wait for redelivery: the reaper (worker/reaper.py) re-queues a job whose lease expired;
 - results are ignored (callers read the jobs table).
 
@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from store.queue import TASK_NAME, TASK_QUEUE
 from store.settings import Settings
-
-RUN_JOB_TASK = "srcompress.run_job"
-JOBS_QUEUE = "srcompress.jobs"
 
 
 def create_celery_app(settings: Settings | None = None) -> Celery:
@@ -29,7 +27,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     app = Celery("srcompress", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
-        task_default_queue=JOBS_QUEUE,
+        task_default_queue=TASK_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=False,  # the reaper, not the broker, recovers jobs of dead workers
         task_ignore_result=True,
@@ -51,4 +49,4 @@ app = create_celery_app()
 
 def enqueue_job(job_id: str, celery_app: Celery | None = None) -> None:
     """Ask a worker to run (or resume) job ``job_id``. Sent by name: the caller needs no torch import."""
-    (celery_app or app).send_task(RUN_JOB_TASK, args=[job_id], queue=JOBS_QUEUE)
+    (celery_app or app).send_task(TASK_NAME, args=[job_id], queue=TASK_QUEUE)

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from store.queue import worker_args
+
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from worker.app import JOBS_QUEUE, app
+    from worker.app import app
 
-    argv = [
-        "worker",
-        f"--loglevel={args.loglevel}",
-        f"--pool={args.pool}",
-        "--concurrency=1",  # one job per worker process; run one worker per GPU
-        f"--queues={JOBS_QUEUE}",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
+    app.worker_main(worker_args(args.pool, loglevel=args.loglevel, hostname=args.hostname))
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -26,11 +26,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from store import jobs
+from store import jobs, leases
 from store.blobs import BlobStore
+from store.keys import work_prefix
 from store.settings import Settings
 from store.tables import Job, JobEvent, utcnow
-from worker.runner import work_prefix
 
 log = logging.getLogger("srcompress.reaper")
 
@@ -75,7 +75,7 @@ def reap_once(
     now = now or utcnow()
     result = ReapResult()
     with sessions.begin() as session:
-        for job in jobs.reap_expired(session, settings.max_attempts, now=now):
+        for job in leases.reap_expired(session, settings.max_attempts, now=now):
             (result.requeued if job.state == "queued" else result.failed).append(job.id)
     for job_id in result.requeued:
         log.warning("job %s: worker lost; re-queued", job_id)

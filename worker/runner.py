@@ -2,7 +2,7 @@
 
 ``JobRunner(settings).run(job_id)``:
 
-1. claims the job's lease (``store.jobs.claim``); a job that is not queued, or that another worker
+1. claims the job's lease (``store.leases.claim``); a job that is not queued, or that another worker
    holds, is skipped, so a duplicate or late message is harmless;
 2. starts a heartbeat thread that renews the lease every ``heartbeat_seconds`` and picks up the cancel
    flag; a lost lease stops the job without writing anything else (another worker owns it now);
@@ -20,20 +20,17 @@
    ``internal``. The local work dir is removed; the storage mirror is purged by the reaper
    ``checkpoint_retention_seconds`` after the job ended.
 
-Blob layout: ``jobs/<id>/work/...`` (work dir mirror), ``jobs/<id>/artifacts/<name>``,
-``models/<model id>/{model.safetensors,config.json,model.onnx}``.
+Blob layout: store.keys.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import mimetypes
 import os
 import shutil
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,14 +40,19 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from core.errors import Canceled, Diverged, UserError
-from store import jobs
-from store.blobs import BlobStore, make_blob_store, normalize_prefix
+from core.errors import Canceled, Diverged, UserError, describe_validation_error
+from core.models.config import CONFIG_FILE, WEIGHTS_FILE
+from store import jobs, leases
+from store.blobs import BlobStore, download_dir, make_blob_store
 from store.db import make_engine, session_factory
+from store.keys import artifact_key, work_prefix
+from store.models import put_model_files, register_model
 from store.settings import Settings
 from store.tables import Artifact, Dataset, Job, Model, new_id
+from worker.heartbeat import Heartbeat
+from worker.mirror import WorkdirMirror
 
 log = logging.getLogger("srcompress.worker")
 
@@ -58,26 +60,12 @@ SAMPLE_DATASET_ID = "sample"  # the bundled images; the API lists it as a datase
 # Keys of a job's stored config that name inputs by id; everything else is core's JobParams.
 ID_FIELDS = ("teacher_model_id", "train_dataset_ids", "val_dataset_ids")
 PROGRESS_MIN_SECONDS = 1.0
-SKIPPED_SUFFIXES = (".tmp", ".part")  # files being written; their final name is uploaded later
 ERROR_INVALID_INPUT = "invalid_input"
 ERROR_INTERNAL = "internal"
 ERROR_DIVERGED = "diverged"  # a training loss stopped being finite
 MAX_ERROR_MESSAGE = 2000
 
 PipelineFn = Callable[..., Any]  # core.pipeline.run_pipeline's signature
-
-
-def work_prefix(job_id: str) -> str:
-    """Blob folder of the job's work dir mirror (checkpoints, state.json)."""
-    return f"jobs/{job_id}/work/"
-
-
-def artifact_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/artifacts/{name}"
-
-
-def model_key(model_id: str, name: str) -> str:
-    return f"models/{model_id}/{name}"
 
 
 def default_worker_id() -> str:
@@ -99,106 +87,6 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-# --- the work dir mirror ------------------------------------------------------------------------------
-
-
-class WorkdirMirror:
-    """Keeps ``blobs[prefix]`` a copy of ``local_dir``, uploading only files that changed since the last
-    sync (by size and mtime). Called from the training thread, between steps, so no file is half written
-    (core writes checkpoints to a temp name and renames them)."""
-
-    def __init__(self, blobs: BlobStore, local_dir: Path, prefix: str) -> None:
-        self.blobs = blobs
-        self.local_dir = local_dir
-        self.prefix = normalize_prefix(prefix)
-        self.synced: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) in storage
-
-    def _local_files(self) -> dict[str, tuple[int, int]]:
-        files = {}
-        for path in sorted(self.local_dir.rglob("*")):
-            if path.is_file() and not path.name.endswith(SKIPPED_SUFFIXES):
-                stat = path.stat()
-                files[path.relative_to(self.local_dir).as_posix()] = (stat.st_size, stat.st_mtime_ns)
-        return files
-
-    def restore(self) -> int:
-        """Replace the local dir by the stored mirror; returns the number of files restored."""
-        shutil.rmtree(self.local_dir, ignore_errors=True)
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        keys = self.blobs.list(self.prefix)
-        for key in keys:
-            self.blobs.download_to(key, self.local_dir / key[len(self.prefix) :])
-        self.synced = self._local_files()
-        return len(keys)
-
-    def sync(self) -> list[str]:
-        """Upload new and changed files, delete stored files that no longer exist; returns the uploaded
-        relative paths. state.json goes last, so the stored state never names a result whose files
-        are not stored yet."""
-        current = self._local_files()
-        changed = [rel for rel, stamp in current.items() if self.synced.get(rel) != stamp]
-        changed.sort(key=lambda rel: rel == "state.json")
-        for rel in changed:
-            self.blobs.put_file(self.prefix + rel, self.local_dir / rel)
-            self.synced[rel] = current[rel]
-        for rel in [rel for rel in self.synced if rel not in current]:
-            self.blobs.delete(self.prefix + rel)
-            del self.synced[rel]
-        return changed
-
-
-# --- the lease heartbeat ------------------------------------------------------------------------------
-
-
-class Heartbeat(threading.Thread):
-    """Renews the job's lease every ``interval`` seconds and mirrors the job's cancel flag.
-
-    ``should_stop()`` is what the pipeline polls at every step: true once a cancel was requested or the
-    lease was lost. Database errors are logged and retried at the next beat (the lease outlives a few).
-    """
-
-    def __init__(
-        self,
-        sessions: sessionmaker[Session],
-        job_id: str,
-        worker_id: str,
-        lease_seconds: int,
-        interval: float,
-    ) -> None:
-        super().__init__(name=f"heartbeat-{job_id[:8]}", daemon=True)
-        self.sessions = sessions
-        self.job_id = job_id
-        self.worker_id = worker_id
-        self.lease_seconds = lease_seconds
-        self.interval = interval
-        self.cancel_requested = threading.Event()
-        self.lease_lost = threading.Event()
-        self._stop_beating = threading.Event()
-
-    def beat(self) -> None:
-        try:
-            with self.sessions.begin() as session:
-                if jobs.heartbeat(session, self.job_id, self.worker_id, self.lease_seconds):
-                    self.cancel_requested.set()
-        except jobs.LeaseLost:
-            log.warning("job %s: lease lost; stopping", self.job_id)
-            self.lease_lost.set()
-        except Exception:
-            log.exception("job %s: heartbeat failed; retrying", self.job_id)
-
-    def run(self) -> None:
-        while not self._stop_beating.wait(self.interval) and not self.lease_lost.is_set():
-            self.beat()
-
-    def stop(self) -> None:
-        self._stop_beating.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=self.interval + 30)
-
-    def should_stop(self) -> bool:
-        return self.cancel_requested.is_set() or self.lease_lost.is_set()
 
 
 # --- the runner ---------------------------------------------------------------------------------------
@@ -251,7 +139,7 @@ class JobRunner:
 
     def run(self, job_id: str) -> JobOutcome:
         with self.sessions.begin() as session:
-            if not jobs.claim(session, job_id, self.worker_id, self.settings.lease_seconds):
+            if not leases.claim(session, job_id, self.worker_id, self.settings.lease_seconds):
                 log.info("job %s: not claimable (finished, canceled or held by another worker)", job_id)
                 return JobOutcome(job_id, "skipped")
         log.info("job %s: claimed by %s", job_id, self.worker_id)
@@ -276,12 +164,12 @@ class JobRunner:
         try:
             restored = mirror.restore()
             if restored:
-                from core.pipeline import resume_point
+                from core.state import resume_point
 
                 where = resume_point(mirror.local_dir)
                 log.info("job %s: resuming at %s from %d stored work files", job_id, where, restored)
                 with self.sessions.begin() as session:
-                    jobs.record_resumed(session, job_id, self.worker_id, where)
+                    leases.record_resumed(session, job_id, self.worker_id, where)
             config = self._job_config(job_id, job_dir / "inputs")
             state = _RunState()
 
@@ -325,7 +213,7 @@ class JobRunner:
 
     def _job_config(self, job_id: str, inputs: Path) -> Any:
         """core's JobConfig with the teacher and datasets downloaded under ``inputs``."""
-        from core.pipeline import JobConfig
+        from core.job import JobConfig
 
         with self.sessions() as session:
             job = session.get(Job, job_id)
@@ -355,8 +243,6 @@ class JobRunner:
     def _download_model(self, session: Session, model_id: str, folder: Path) -> Path:
         """The model's files in ``folder``: a srcompress model dir (weights + config.json), or the
         single checkpoint file when the model has no stored config."""
-        from core.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
         model = session.get(Model, model_id)
         if model is None or model.deleted_at is not None or not model.weights_key:
             raise UserError(f"teacher model {model_id} does not exist")
@@ -376,12 +262,8 @@ class JobRunner:
         if dataset is None or dataset.deleted_at is not None:
             raise UserError(f"dataset {dataset_id} does not exist")
         folder = root / dataset_id
-        keys = self.blobs.list(dataset.blob_prefix)
-        if not keys:
+        if not download_dir(self.blobs, dataset.blob_prefix, folder):
             raise UserError(f"dataset {dataset_id} has no stored images")
-        prefix = normalize_prefix(dataset.blob_prefix)
-        for key in keys:
-            self.blobs.download_to(key, folder / key[len(prefix) :])
         return folder
 
     # --- progress -------------------------------------------------------------------------------------
@@ -441,8 +323,6 @@ class JobRunner:
     def _finish(self, job_id: str, out: Path, report: Any, heartbeat: Heartbeat) -> str:
         """Store artifacts and the compact model, then mark the job succeeded (one transaction). The
         heartbeat keeps the lease during the uploads and stops before the final transition ends it."""
-        from core.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
         model_id = new_id()
         artifacts = []
         for path in sorted(p for p in out.iterdir() if p.is_file()):
@@ -458,14 +338,7 @@ class JobRunner:
                     size=path.stat().st_size,
                 )
             )
-        keys = {}
-        for name in (WEIGHTS_FILE, CONFIG_FILE, "model.onnx"):
-            if (out / name).is_file():
-                keys[name] = model_key(model_id, name)
-                self.blobs.put_file(keys[name], out / name)
-        if WEIGHTS_FILE not in keys or CONFIG_FILE not in keys:
-            raise RuntimeError(f"the pipeline left no {WEIGHTS_FILE} + {CONFIG_FILE} in {out}")
-
+        keys = put_model_files(self.blobs, model_id, out)
         student = report.student
         config = jsonable(student.config)
         first_score = student.scores[0] if student.scores else None
@@ -485,23 +358,20 @@ class JobRunner:
         with self.sessions.begin() as session:
             job = jobs.lock_job(session, job_id)
             assert job is not None
-            session.add(
-                Model(
-                    id=model_id,
-                    owner_key_id=job.owner_key_id,
-                    name=f"{report.params.model}-x{config['scale']}-compact-{job_id[:8]}",
-                    family=config["family"],
-                    scale=int(config["scale"]),
-                    config=config,
-                    source="job",
-                    params=student.params,
-                    macs=student.macs,
-                    metrics=jsonable(model_metrics),
-                    weights_key=keys[WEIGHTS_FILE],
-                    weights_sha256=_sha256(out / WEIGHTS_FILE),
-                    config_key=keys[CONFIG_FILE],
-                    onnx_key=keys.get("model.onnx"),
-                )
+            register_model(
+                session,
+                model_id,
+                out,
+                keys,
+                owner_key_id=job.owner_key_id,
+                name=f"{report.params.model}-x{config['scale']}-compact-{job_id[:8]}",
+                family=config["family"],
+                scale=int(config["scale"]),
+                config=config,
+                source="job",
+                params=student.params,
+                macs=student.macs,
+                metrics=jsonable(model_metrics),
             )
             session.add_all(artifacts)
             session.flush()  # the model row must exist before the job refers to it
@@ -542,14 +412,5 @@ class JobRunner:
 
 def _one_line(error: Exception) -> str:
     if isinstance(error, ValidationError):
-        parts = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()]
-        return "invalid job config: " + "; ".join(parts)
+        return "invalid job config: " + describe_validation_error(error.errors())
     return " ".join(str(error).split())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

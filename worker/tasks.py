@@ -13,14 +13,15 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from store.queue import TASK_NAME
 from store.settings import Settings
-from worker.app import RUN_JOB_TASK, app, enqueue_job
+from worker.app import app, enqueue_job
 
 log = logging.getLogger("srcompress.worker")
 _reaper: Any = None  # the reaper thread of this worker process (set by the worker_ready signal)
 
 
-@app.task(name=RUN_JOB_TASK)
+@app.task(name=TASK_NAME)
 def run_job(job_id: str) -> str:
     """Run job ``job_id``; returns succeeded | failed | canceled | lost | skipped."""
     from worker.runner import JobRunner

@@ -9,17 +9,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import Response
-from sqlalchemy import or_, select
+from sqlalchemy import or_
 from sqlalchemy.orm import Session
 
 from api.archives import extract_images
+from api.crud import dataset_in_use, visible_dataset
 from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
-from api.errors import ApiError, error_responses, not_found
+from api.errors import ApiError, error_responses
 from api.schemas import SAMPLE_DATASET_ID, DatasetOut, Page
 from api.uploads import read_upload
 from store.blobs import BlobStore, join_key
-from store.jobs import ACTIVE_STATES
-from store.tables import Dataset, Job, new_id, utcnow
+from store.keys import dataset_prefix
+from store.tables import Dataset, new_id, utcnow
 
 router = APIRouter(
     prefix="/v1", tags=["datasets"], responses=error_responses(400, 401, 404, 409, 413, 422, 503)
@@ -34,7 +35,7 @@ def ensure_sample_dataset(services: Services) -> None:
 
     with services.read_sessions() as session:
         existing = session.get(Dataset, SAMPLE_DATASET_ID)
-    prefix = join_key("datasets", SAMPLE_DATASET_ID)
+    prefix = dataset_prefix(SAMPLE_DATASET_ID)
     if existing is not None and services.blobs.list(prefix):
         return
     folder = sample_dir(services.settings.data_dir / "cache")
@@ -63,20 +64,6 @@ def ensure_sample_dataset(services: Services) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def visible_dataset(session: Session, caller: Caller, dataset_id: str) -> Dataset:
-    """The caller's live dataset or a built-in one, else 404."""
-    row = session.get(Dataset, dataset_id)
-    if row is None or row.deleted_at is not None or row.owner_key_id not in (caller.key_id, None):
-        raise not_found("dataset", dataset_id)
-    return row
-
-
-def dataset_in_use(session: Session, dataset_id: str) -> bool:
-    # dataset_ids is a JSON list: filter in Python over the (few) active jobs rather than per dialect.
-    rows = session.execute(select(Job.dataset_ids).where(Job.state.in_(ACTIVE_STATES))).scalars()
-    return any(dataset_id in (ids or []) for ids in rows)
 
 
 def store_images(blobs: BlobStore, prefix: str, images: dict[str, Path]) -> None:
@@ -109,7 +96,7 @@ def _store_dataset(
     services: Services, caller: Caller, images: dict[str, Path], name: str, kind: str
 ) -> DatasetOut:
     dataset_id = new_id()
-    prefix = join_key("datasets", dataset_id)
+    prefix = dataset_prefix(dataset_id)
     try:
         store_images(services.blobs, prefix, images)
         row = Dataset(

@@ -17,10 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.crud import owned_job, owned_model, stream_blob, visible_dataset
 from api.deps import (
     MAX_OFFSET,
-    TASK_NAME,
-    TASK_QUEUE,
     Caller,
     Offset,
     Services,
@@ -29,12 +28,12 @@ from api.deps import (
     read_session,
 )
 from api.errors import ApiError, error_responses, not_found
-from api.routes.datasets import visible_dataset
-from api.routes.models import owned_model, stream_blob
 from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page
-from core.models import PRESETS
+from core.models.presets import PRESETS
 from store import jobs as store_jobs
-from store.tables import JOB_STATES, Artifact, Job
+from store.jobs import JOB_STATES
+from store.queue import TASK_NAME, TASK_QUEUE
+from store.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
 log = logging.getLogger("srcompress.api")
@@ -47,13 +46,6 @@ def request_hash(body: JobCreate) -> str:
     """sha256 of the request's canonical form: the same fields and values hash the same however sent."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def owned_job(session: Session, caller: Caller, job_id: str) -> Job:
-    row = session.get(Job, job_id)
-    if row is None or row.owner_key_id != caller.key_id:
-        raise not_found("job", job_id)
-    return row
 
 
 def job_config(body: JobCreate) -> dict[str, Any]:

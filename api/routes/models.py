@@ -3,100 +3,36 @@ download as safetensors + config (+ ONNX): a presigned URL on S3, a stream from 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
-from fastapi.responses import RedirectResponse, Response, StreamingResponse
-from sqlalchemy import func, select
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.orm import Session
 from torch import nn
 
+from api.crud import model_in_use, owned_model, stream_blob
 from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
 from api.errors import ApiError, error_responses, not_found
-from api.schemas import DownloadOut, ModelOut, Page, PresetOut, model_files
+from api.schemas import DownloadOut, ModelOut, Page, PresetOut
 from api.uploads import save_upload
-from core import __version__
-from core.models import PRESETS, SCALES, build_model, load_checkpoint, preset_config, save_model
-from store.blobs import BlobNotFound, BlobStore, join_key
-from store.jobs import ACTIVE_STATES
-from store.tables import Job, Model, new_id, utcnow
+from core.models.checkpoint import load_checkpoint, save_model
+from core.models.config import SCALES
+from core.models.presets import PRESETS
+from store.blobs import BlobStore
+from store.models import BINARY, CONTENT_TYPES, model_files, put_model_files, register_model
+from store.tables import Model, new_id, utcnow
 
 router = APIRouter(
     prefix="/v1", tags=["models"], responses=error_responses(400, 401, 404, 409, 413, 422, 503)
 )
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
-CONTENT_TYPES = {
-    "model.safetensors": "application/octet-stream",
-    "config.json": "application/json",
-    "model.onnx": "application/octet-stream",
-}
 URL_EXPIRES_SECONDS = 3600
 
 
 # --- presets ------------------------------------------------------------------------------------------
-
-
-def compute_preset(name: str, scale: int) -> PresetOut:
-    """A preset's params and MACs at the default LR size, counted on shapes only (no weights)."""
-    import torch
-
-    from core.complexity import count_macs, count_params, default_lr_size
-
-    with torch.device("meta"):
-        model = build_model(preset_config(name, scale))
-    lr_size = default_lr_size(scale)
-    macs = count_macs(model, lr_size).macs
-    return PresetOut(
-        name=name,
-        family=PRESETS[name]["family"],
-        scale=scale,
-        params=count_params(model).total,
-        macs=macs,
-        gmacs=round(macs / 1e9, 3),
-        lr_size=lr_size,
-    )
-
-
-class PresetTable:
-    """Preset figures, computed on first request (SwinIR's MAC count takes seconds) and kept in a JSON
-    file under ``<data_dir>/cache`` so that restarts and other API processes reuse them."""
-
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_file = cache_dir / f"presets-{__version__}.json"
-        cache_file = self.cache_file
-        self._lock = threading.Lock()
-        self._rows: dict[str, PresetOut] = {}
-        try:
-            for item in json.loads(cache_file.read_text()):
-                row = PresetOut.model_validate(item)
-                self._rows[f"{row.name}x{row.scale}"] = row
-        except (OSError, ValueError):
-            pass
-
-    def get(self, names: list[str], scales: list[int]) -> list[PresetOut]:
-        with self._lock:
-            missing = [(n, s) for n in names for s in scales if f"{n}x{s}" not in self._rows]
-            for name, scale in missing:
-                self._rows[f"{name}x{scale}"] = compute_preset(name, scale)
-            if missing:
-                self._save()
-            return [self._rows[f"{n}x{s}"] for n in names for s in scales]
-
-    def _save(self) -> None:
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(f".{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps([row.model_dump(mode="json") for row in self._rows.values()]))
-            tmp.replace(self.cache_file)
-        except OSError:
-            pass  # a cache only
 
 
 @router.get("/presets", response_model=list[PresetOut], summary="Model presets with params and MACs")
@@ -113,47 +49,7 @@ def list_presets(
         )
     if scale is not None and scale not in SCALES:
         raise ApiError(422, "invalid_request", f"scale must be one of {', '.join(map(str, SCALES))}")
-    table: PresetTable = services.extras["presets"]
-    return table.get([name] if name else list(PRESETS), [scale] if scale else list(SCALES))
-
-
-# --- helpers ------------------------------------------------------------------------------------------
-
-
-def owned_model(session: Session, caller: Caller, model_id: str) -> Model:
-    """The caller's live model, else 404 (also for other keys' models: ids are not probeable)."""
-    row = session.get(Model, model_id)
-    if row is None or row.deleted_at is not None or row.owner_key_id not in (caller.key_id, None):
-        raise not_found("model", model_id)
-    return row
-
-
-def model_in_use(session: Session, model_id: str) -> bool:
-    stmt = (
-        select(func.count())
-        .select_from(Job)
-        .where(Job.teacher_model_id == model_id, Job.state.in_(ACTIVE_STATES))
-    )
-    return bool(session.execute(stmt).scalar_one())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def store_model_files(blobs: BlobStore, model_id: str, model_dir: Path) -> dict[str, str]:
-    """Upload a save_model directory; returns the blob keys (weights, config)."""
-    keys = {
-        "weights_key": join_key("models", model_id, "model.safetensors"),
-        "config_key": join_key("models", model_id, "config.json"),
-    }
-    blobs.put_file(keys["weights_key"], model_dir / "model.safetensors", "application/octet-stream")
-    blobs.put_file(keys["config_key"], model_dir / "config.json", "application/json")
-    return keys
+    return services.presets.get([name] if name else list(PRESETS), [scale] if scale else list(SCALES))
 
 
 def complexity_of(model: nn.Module) -> tuple[int, int]:
@@ -189,31 +85,29 @@ def upload_model(
         model_id = new_id()
         model_dir = save_model(model, Path(tmp, "model"))
         params, macs = complexity_of(model)
-        keys = store_model_files(services.blobs, model_id, model_dir)
-        sha = file_sha256(model_dir / "model.safetensors")
-    config = info.config.model_dump(mode="json")
-    row = Model(
-        id=model_id,
-        owner_key_id=caller.key_id,
-        name=name or Path(filename).stem,
-        family=config["family"],
-        scale=config["scale"],
-        config=config,
-        source="upload",
-        params=params,
-        macs=macs,
-        metrics={"load_notes": info.notes, "original_filename": filename},
-        weights_sha256=sha,
-        created_at=utcnow(),
-        **keys,
-    )
-    try:
-        with services.sessions.begin() as session:
-            session.add(row)
-    except Exception:
-        for key in keys.values():
-            services.blobs.delete(key)
-        raise
+        config = info.config.model_dump(mode="json")
+        keys = put_model_files(services.blobs, model_id, model_dir)
+        try:
+            with services.sessions.begin() as session:
+                row = register_model(
+                    session,
+                    model_id,
+                    model_dir,
+                    keys,
+                    owner_key_id=caller.key_id,
+                    name=name or Path(filename).stem,
+                    family=config["family"],
+                    scale=config["scale"],
+                    config=config,
+                    source="upload",
+                    params=params,
+                    macs=macs,
+                    metrics={"load_notes": info.notes, "original_filename": filename},
+                )
+        except Exception:
+            for key in keys.values():
+                services.blobs.delete(key)
+            raise
     return ModelOut.of(row)
 
 
@@ -263,9 +157,7 @@ def _delete_model(session: Session, services: Services, caller: Caller, model_id
     for key in model_files(row).values():
         if key:
             services.blobs.delete(key)
-    cache = services.extras.get("model_cache")
-    if cache is not None:
-        cache.forget(model_id)
+    services.model_cache.forget(model_id)
     return Response(status_code=204)
 
 
@@ -312,36 +204,4 @@ def download_file(
         url = services.blobs.url_for(key, URL_EXPIRES_SECONDS)
         if url is not None:
             return RedirectResponse(url, status_code=307)
-    return stream_blob(services.blobs, key, name, CONTENT_TYPES.get(name, "application/octet-stream"))
-
-
-def stream_blob(blobs: BlobStore, key: str, filename: str, content_type: str) -> StreamingResponse:
-    try:
-        size = blobs.size(key)
-        stream = blobs.open_stream(key)
-    except BlobNotFound:
-        raise ApiError(404, "not_found", f"file {filename} is missing from storage") from None
-
-    def chunks() -> Any:
-        with stream:
-            yield from iter(lambda: stream.read(1 << 20), b"")
-
-    headers = {"Content-Disposition": f'attachment; filename="{filename}"', "Content-Length": str(size)}
-    return StreamingResponse(chunks(), media_type=content_type, headers=headers)
-
-
-def materialize_model(blobs: BlobStore, row: Model, directory: Path) -> Path:
-    """Download a model's safetensors + config into ``directory`` (a srcompress model dir)."""
-    if not row.weights_key or not row.config_key:
-        raise ApiError(409, "model_incomplete", f"model {row.id} has no stored weights")
-    directory.mkdir(parents=True, exist_ok=True)
-    try:
-        blobs.download_to(row.weights_key, directory / "model.safetensors")
-        blobs.download_to(row.config_key, directory / "config.json")
-    except BlobNotFound:
-        raise ApiError(409, "model_incomplete", f"model {row.id}'s files are missing from storage") from None
-    return directory
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    return stream_blob(services.blobs, key, name, CONTENT_TYPES.get(name, BINARY))

@@ -21,22 +21,15 @@ rnd is round-half-up, never Python's half-to-even `round`. Stage 2 also has a ta
 import math
 import operator
 from collections.abc import Callable
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from core.errors import UserError
+from core.models.config import Triple
 
 # Above this density the pruning barely removed anything and the "compressed" model is the teacher.
 INEFFECTIVE_DENSITY = 0.9
-
-
-class Triple(NamedTuple):
-    """An architecture as the paper's triple: width N_c, layers per block N_l, blocks N_b."""
-
-    nc: int
-    nl: int
-    nb: int
 
 
 # The authors' student configs (§2.3); stage 2 may use them instead of the rule.

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.complexity import count_macs, count_params, default_lr_size
+from core.complexity import config_complexity
 from core.compress.rule import (
     INEFFECTIVE_DENSITY,
-    BudgetResult,
     RoundingPolicy,
-    RuleResult,
     Triple,
     compact_triple,
     fit_to_budget,
     is_ineffective,
 )
 from core.errors import UserError
-from core.models import ModelConfig, build_model, preset_config
+from core.models.config import ModelConfig
+from core.models.presets import preset_config
+from core.results import Complexity, CompressResult
 
 
 class CompressConfig(BaseModel):
@@ -36,40 +35,6 @@ class CompressConfig(BaseModel):
     target_gmacs: float | None = Field(None, gt=0, description="MAC budget (G) at the default LR size")
     student: tuple[int, int, int] | None = Field(None, description="override: (nc, nl, nb) used as is")
     student_preset: str | None = Field(None, description="override: this preset (any family) is the student")
-
-
-class Complexity(BaseModel):
-    params: int
-    params_excl_rpb: int
-    macs: int
-    lr_size: tuple[int, int]
-
-
-class CompressResult(BaseModel):
-    pruned_density: float
-    rule: RuleResult = Field(description="the rule applied to the pruned d")
-    budget: BudgetResult | None = Field(None, description="target mode: the d that fits the budget")
-    override: Triple | None = None
-    chosen: Triple
-    student_config: dict
-    teacher: Complexity
-    student: Complexity
-    pruning_ineffective: bool
-    note: str
-
-
-def complexity(config: ModelConfig) -> Complexity:
-    """Params and MACs at the default LR size for the config's scale (meta device: no memory, fast)."""
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = build_model(config)
-    lr_size = default_lr_size(config.scale)
-    params = count_params(model)
-    return Complexity(
-        params=params.total,
-        params_excl_rpb=params.excl_rpb,
-        macs=count_macs(model, lr_size).macs,
-        lr_size=lr_size,
-    )
 
 
 def run_compress(teacher_config: ModelConfig, density: float, config: CompressConfig) -> CompressResult:
@@ -87,7 +52,7 @@ def run_compress(teacher_config: ModelConfig, density: float, config: CompressCo
 
         def cost(triple: Triple) -> float:
             if triple not in cost_cache:
-                cost_cache[triple] = complexity(teacher_config.with_triple(*triple))
+                cost_cache[triple] = config_complexity(teacher_config.with_triple(*triple))
             c = cost_cache[triple]
             return c.params if config.target_params is not None else c.macs / 1e9
 
@@ -125,8 +90,8 @@ def run_compress(teacher_config: ModelConfig, density: float, config: CompressCo
         override=Triple(*config.student) if config.student else None,
         chosen=chosen,
         student_config=student_config.model_dump(),
-        teacher=complexity(teacher_config),
-        student=complexity(student_config),
+        teacher=config_complexity(teacher_config),
+        student=config_complexity(student_config),
         pruning_ineffective=ineffective,
         note=note,
     )

@@ -1,0 +1,1 @@
+"""Stage 3: distill the compact student from the frozen teacher (method.md §5)."""

@@ -10,7 +10,7 @@ running the teacher at every step. The targets differ from per-patch teacher run
 teacher's receptive field of the patch border (the cached output saw the real neighbours, a per-patch
 run sees zero padding).
 
-Every schedule is a fraction of `iterations` (core.distill.schedule), so a run of any length ends with
+Every schedule is a fraction of `iterations` (core.schedule), so a run of any length ends with
 a finished schedule. A loss that stops being finite ends the stage with `Diverged`.
 """
 
@@ -28,12 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from core.data.datasets import EvalImage, TrainImages
-from core.distill.schedule import LrSchedule, ema_decay_for, lr_factor
 from core.errors import Diverged
 from core.evaluate import evaluate_dataset
-from core.inference import prepare_backend, upscale_array
-from core.losses import DISTILL_LOSSES, LossParts, distill_loss_parts, loss_needs_teacher
-from core.training import (
+from core.infer.tuning import prepare_backend
+from core.infer.upscale import upscale_array
+from core.loop import (
     CHANNELS_LAST,
     EMA,
     CancelFn,
@@ -44,12 +43,16 @@ from core.training import (
     never_cancel,
     no_progress,
     resolve_precision,
-    rng_state,
+    resume_loop,
     save_checkpoint,
+    save_loop,
     seconds_per_step,
-    set_rng_state,
     to_device,
 )
+from core.losses import LossParts, distill_loss_parts
+from core.recipe import DISTILL_LOSSES, loss_needs_teacher
+from core.results import DistillResult, LossPoint, ValPoint
+from core.schedule import LrSchedule, ema_decay_for, lr_factor
 
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
 DEFAULT_MILESTONES = {"edsr": [0.25], "swinir": [0.3125, 0.5, 0.5625], "rlfn": [0.25, 0.5, 0.75]}
@@ -83,40 +86,6 @@ class DistillConfig(BaseModel):
         if loss not in DISTILL_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
         return loss
-
-
-class ValPoint(BaseModel):
-    iteration: int
-    psnr: float
-    ssim: float
-    seconds: float = Field(0.0, description="the stage's wall clock at this validation")
-
-
-class LossPoint(BaseModel):
-    iteration: int
-    total: float
-    l1: float
-    teacher: float = 0.0
-    teacher_hf: float = 0.0
-
-
-class DistillResult(BaseModel):
-    iterations: int
-    stopped_early: bool
-    best_iteration: int
-    best_psnr: float
-    validation_set: str
-    val_curve: list[ValPoint]
-    loss_curve: list[LossPoint]
-    seconds: float
-    teacher_cache_seconds: float
-    iterations_per_second: float
-    lr_milestones: list[int]
-    loss: str = "paper"
-    schedule: str = "step"
-    ema_decay: float = 0.999
-    precision: str = "fp32"
-    precision_reason: str = ""
 
 
 def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
@@ -269,14 +238,14 @@ def run_distill(
     val_curve: list[ValPoint] = []
     loss_curve: list[LossPoint] = []
     best = ValPoint(iteration=0, psnr=float("-inf"), ssim=0.0)
-    if (state := load_checkpoint_state(path)) is not None:
-        student.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+    stateful = {
+        "model": student,
+        "ema": ema.model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+    }
+    if (state := resume_loop(path, stateful)) is not None:
         start, elapsed, cache_seconds = state["iteration"], state["seconds"], state["cache_seconds"]
         val_curve = [ValPoint(**p) for p in state["val_curve"]]
         loss_curve = [LossPoint(**p) for p in state["loss_curve"]]
@@ -338,23 +307,13 @@ def run_distill(
         if metrics:
             on_progress(stage, iteration / config.iterations, metrics)
         if every.due(every.checkpoint, iteration, last):
-            save_checkpoint(
-                path,
-                {
-                    "iteration": iteration,
-                    "model": student.state_dict(),
-                    "ema": ema.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_state(),
-                    "seconds": time.perf_counter() - began,
-                    "cache_seconds": cache_seconds,
-                    "val_curve": [p.model_dump() for p in val_curve],
-                    "loss_curve": [p.model_dump() for p in loss_curve],
-                    "best": best.model_dump(),
-                },
-            )
+            save_loop(
+                path, iteration, began, stateful,
+                cache_seconds=cache_seconds,
+                val_curve=[p.model_dump() for p in val_curve],
+                loss_curve=[p.model_dump() for p in loss_curve],
+                best=best.model_dump(),
+            )  # fmt: skip
         if over_time:
             break
 

@@ -8,9 +8,7 @@ Canonical key names are BasicSR's/SwinIR's/RLFN's; EDSR-PyTorch names are conver
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -23,26 +21,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from core.errors import CheckpointError, UserError
+from core.errors import CheckpointError, UserError, describe_validation_error
+from core.models import edsr, rlfn, swinir
+from core.models.build import build_model
 from core.models.config import (
+    CONFIG_FILE,
     FAMILIES,
     SCALES,
+    WEIGHTS_FILE,
     EDSRConfig,
     ModelConfig,
-    RLFNConfig,
     SwinIRConfig,
     parse_config,
 )
-from core.models.registry import PRESETS, build_model, describe_validation_error, preset_config
+from core.models.presets import PRESETS, preset_config
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # Wrappers BasicSR/KAIR put around a state_dict, most preferred first.
 WRAPPERS = ("params_ema", "params")
 # Buffers SwinIR recomputes from its config; a checkpoint may omit them (method.md §2.4).
 DETERMINISTIC_BUFFERS = ("relative_position_index", "attn_mask")
-# EDSR stores no res_scale; known (num_feat, num_block) shapes imply it (method.md §2.3).
-EDSR_RES_SCALE_BY_SHAPE = {(256, 32): 0.1, (16, 8): 2.0}
 
 Wrapper = Literal["params_ema", "params", "raw", "safetensors"]
 KeyScheme = Literal["official", "edsr-pytorch", "srcompress"]
@@ -90,7 +87,7 @@ def read_state_dict(path: str | Path) -> StateDictFile:
         notes.append("stripped the DataParallel 'module.' prefix")
     key_scheme: KeyScheme = "official"
     if "head.0.weight" in tensors:
-        tensors, key_scheme = edsr_pytorch_to_basicsr(tensors), "edsr-pytorch"
+        tensors, key_scheme = edsr.from_edsr_pytorch(tensors), "edsr-pytorch"
         notes.append("converted EDSR-PyTorch key names to BasicSR's")
     return StateDictFile(tensors, wrapper, key_scheme, notes)
 
@@ -141,31 +138,6 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, Tensor], Wrapper]:
     return dict(obj), wrapper
 
 
-_EDSR_PYTORCH_RULES = [
-    (re.compile(r"^head\.0\."), "conv_first."),
-    (re.compile(r"^body\.(\d+)\.body\.0\."), r"body.\1.conv1."),
-    (re.compile(r"^body\.(\d+)\.body\.2\."), r"body.\1.conv2."),
-    (re.compile(r"^tail\.0\.(\d+)\."), r"upsample.\1."),
-    (re.compile(r"^tail\.1\."), "conv_last."),
-]
-
-
-def edsr_pytorch_to_basicsr(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename EDSR-PyTorch keys (head/body.i.body.k/body.B/tail) to BasicSR's; keep sub_/add_mean."""
-    # body.{B} (a bare conv, no `.body.` inside) is the conv after the residual blocks.
-    after_body = {int(m.group(1)) for key in tensors if (m := re.match(r"^body\.(\d+)\.weight$", key))}
-    renamed = {}
-    for key, value in tensors.items():
-        new = key
-        if (m := re.match(r"^body\.(\d+)\.(weight|bias)$", key)) and int(m.group(1)) in after_body:
-            new = f"conv_after_body.{m.group(2)}"
-        else:
-            for pattern, replacement in _EDSR_PYTORCH_RULES:
-                new = pattern.sub(replacement, new)
-        renamed[new] = value
-    return renamed
-
-
 # --------------------------------------------------------------------------- detection
 
 
@@ -176,124 +148,21 @@ def detect_config(state_dict: dict[str, Tensor]) -> ModelConfig:
 
 def _detect(sd: dict[str, Tensor]) -> tuple[ModelConfig, list[str]]:
     try:
-        if "conv_1.weight" in sd and "block_1.c5.weight" in sd:
-            return _detect_rlfn(sd), []
-        if "conv_first.weight" in sd and "layers.0.residual_group.blocks.0.attn.qkv.weight" in sd:
-            return _detect_swinir(sd)
-        if "conv_first.weight" in sd and "body.0.conv1.weight" in sd:
-            return _detect_edsr(sd)
+        for family in (rlfn, swinir, edsr):  # each architecture reads its own keys (as spandrel does)
+            if family.matches(sd):
+                return family.detect(sd)
     except KeyError as missing:
         raise CheckpointError(f"checkpoint is incomplete: it lacks {missing.args[0]}") from None
     except IndexError:
         raise CheckpointError("checkpoint tensors have shapes no supported architecture uses") from None
     except ValidationError as error:
         raise CheckpointError(
-            f"checkpoint shapes give an invalid config: {describe_validation_error(error)}"
+            f"checkpoint shapes give an invalid config: {describe_validation_error(error.errors())}"
         ) from None
     sample = ", ".join(list(sd)[:5])
     raise CheckpointError(
         "unrecognised architecture: expected EDSR (conv_first, body.0.conv1), SwinIR (conv_first, "
         f"layers.0.residual_group...) or RLFN (conv_1, block_1.c5) keys; found {sample}, ..."
-    )
-
-
-def _count(sd: dict[str, Tensor], template: str, start: int = 0) -> int:
-    """How many consecutive indices i >= start have template.format(i) in sd."""
-    i = start
-    while template.format(i) in sd:
-        i += 1
-    return i - start
-
-
-def _scale_from_pixelshuffle_conv(out_channels: int, what: str) -> int:
-    scale = math.isqrt(out_channels // 3)
-    if 3 * scale * scale != out_channels or scale not in SCALES:
-        raise CheckpointError(f"{what} has {out_channels} output channels: not 3·s² for a scale in {SCALES}")
-    return scale
-
-
-def _scale_from_upsample(sd: dict[str, Tensor], num_feat: int) -> int:
-    """Scale of a BasicSR Upsample (conv C->4C per x2 stage, or C->9C for x3)."""
-    out = sd["upsample.0.weight"].shape[0]
-    if out == 9 * num_feat:
-        return 3
-    if out == 4 * num_feat:
-        return 4 if "upsample.2.weight" in sd else 2
-    raise CheckpointError(f"upsample.0 has {out} output channels; expected 4·{num_feat} or 9·{num_feat}")
-
-
-def _detect_edsr(sd: dict[str, Tensor]) -> tuple[EDSRConfig, list[str]]:
-    num_feat = sd["conv_first.weight"].shape[0]
-    num_block = _count(sd, "body.{}.conv1.weight")
-    res_scale = EDSR_RES_SCALE_BY_SHAPE.get((num_feat, num_block), 1.0)
-    notes = [
-        f"res_scale {res_scale:g} assumed from the shape {num_feat}x{num_block} (checkpoints do not store it)"
-    ]
-    config = EDSRConfig(
-        scale=_scale_from_upsample(sd, num_feat),
-        num_feat=num_feat,
-        num_block=num_block,
-        res_scale=res_scale,
-        mean_convs="sub_mean.weight" in sd,
-    )
-    return config, notes
-
-
-def _detect_swinir(sd: dict[str, Tensor]) -> tuple[SwinIRConfig, list[str]]:
-    notes: list[str] = []
-    if "conv_after_body.0.weight" in sd:
-        raise CheckpointError("SwinIR with resi_connection '3conv' is not supported (only '1conv')")
-    if "conv_up1.weight" in sd:
-        raise CheckpointError(
-            "SwinIR 'nearest+conv' (real-world SR) is not supported; use a classical or lightweight one"
-        )
-    embed_dim = sd["conv_first.weight"].shape[0]
-    n_layers = _count(sd, "layers.{}.residual_group.blocks.0.norm1.weight")
-    depths = tuple(_count(sd, f"layers.{k}.residual_group.blocks.{{}}.norm1.weight") for k in range(n_layers))
-    heads = tuple(
-        sd[f"layers.{k}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1]
-        for k in range(n_layers)
-    )
-    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
-    window_size = (math.isqrt(table_rows) + 1) // 2
-    mlp_ratio = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
-
-    img_size = 64
-    mask_key = next((key for key in sd if key.endswith(".attn_mask")), None)
-    if mask_key is not None:
-        windows_per_side = math.isqrt(sd[mask_key].shape[0])
-        img_size = windows_per_side * window_size
-        if img_size != 64:
-            notes.append(f"img_size {img_size} taken from the attn_mask shape {tuple(sd[mask_key].shape)}")
-
-    if "conv_before_upsample.0.weight" in sd:
-        upsampler = "pixelshuffle"
-        scale = _scale_from_upsample(sd, sd["conv_before_upsample.0.weight"].shape[0])
-    elif "upsample.0.weight" in sd:
-        upsampler = "pixelshuffledirect"
-        scale = _scale_from_pixelshuffle_conv(sd["upsample.0.weight"].shape[0], "upsample.0")
-    else:
-        raise CheckpointError("SwinIR without an SR upsampler (denoising/JPEG) is not supported")
-    config = SwinIRConfig(
-        scale=scale,
-        embed_dim=embed_dim,
-        depths=depths,
-        num_heads=heads,
-        window_size=window_size,
-        mlp_ratio=mlp_ratio,
-        upsampler=upsampler,
-        img_size=img_size,
-    )
-    return config, notes
-
-
-def _detect_rlfn(sd: dict[str, Tensor]) -> RLFNConfig:
-    return RLFNConfig(
-        scale=_scale_from_pixelshuffle_conv(sd["upsampler.0.weight"].shape[0], "upsampler.0"),
-        channels=sd["conv_1.weight"].shape[0],
-        num_blocks=_count(sd, "block_{}.c5.weight", start=1),
-        convs_per_block=_count(sd, "block_1.c{}_r.weight", start=1),
-        esa_channels=sd["block_1.esa.conv1.weight"].shape[0],
     )
 
 
@@ -363,7 +232,7 @@ def _read_config(config_path: Path) -> ModelConfig:
         return parse_config(config_path.read_text())
     except ValidationError as error:
         raise CheckpointError(
-            f"{config_path} is not a valid model config: {describe_validation_error(error)}"
+            f"{config_path} is not a valid model config: {describe_validation_error(error.errors())}"
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"cannot read {config_path}: {error}") from None

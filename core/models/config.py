@@ -10,7 +10,7 @@ new one, which is all that stage 2 (compress) needs to re-instantiate a smaller 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, model_validator
 
@@ -19,25 +19,45 @@ from core.errors import UserError
 Scale = Literal[2, 3, 4]
 SCALES: tuple[int, ...] = (2, 3, 4)
 FAMILIES: tuple[str, ...] = ("edsr", "swinir", "rlfn")
+# A saved model directory: the config, the weights, and (after export) the ONNX graph.
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
 
 
-class ArchTriple(NamedTuple):
-    """The paper's (N_c, N_l, N_b): channels, layers per block, blocks."""
+class Triple(NamedTuple):
+    """An architecture as the paper's triple (N_c, N_l, N_b): width, layers per block, blocks."""
 
-    n_c: int
-    n_l: int
-    n_b: int
+    nc: int
+    nl: int
+    nb: int
 
 
-class _Config(BaseModel):
+class BaseConfig(BaseModel):
+    """What every family's config shares, and the facts inference keys on (a family overrides them)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fp16_safe: ClassVar[bool] = True  # activations stay inside fp16's range
+    windowed_attention: ClassVar[bool] = False  # window attention: the fused `sdpa` path applies
+    onnx_dynamic_shapes: ClassVar[bool] = True  # one exported graph serves every input size
+
+    @property
+    def pad_multiple(self) -> int:
+        """The LR image is reflect-padded to a multiple of this before the network."""
+        return 1
+
+    @property
+    def attention_values_per_token(self) -> int:
+        """Attention scores per LR pixel (0 for a conv net): they can outweigh the widest feature map."""
+        return 0
 
     def _rebuilt(self, **changes: Any) -> Any:
         # model_copy(update=...) skips validation; a full re-validate keeps the invariants.
         return type(self).model_validate({**self.model_dump(), **changes})
 
 
-class EDSRConfig(_Config):
+class EDSRConfig(BaseConfig):
     """EDSR in BasicSR's layout (method.md §2.1). N_l is always 1: a block is conv-ReLU-conv."""
 
     family: Literal["edsr"] = "edsr"
@@ -50,8 +70,8 @@ class EDSRConfig(_Config):
     mean_convs: bool = False
 
     @property
-    def triple(self) -> ArchTriple:
-        return ArchTriple(self.num_feat, 1, self.num_block)
+    def triple(self) -> Triple:
+        return Triple(self.num_feat, 1, self.num_block)
 
     def with_triple(self, n_c: int, n_l: int, n_b: int) -> EDSRConfig:
         if n_l != 1:
@@ -60,10 +80,15 @@ class EDSRConfig(_Config):
         return self._rebuilt(num_feat=n_c, num_block=n_b, mean_convs=False)
 
 
-class SwinIRConfig(_Config):
+class SwinIRConfig(BaseConfig):
     """SwinIR (JingyunLiang/SwinIR network_swinir.py), classical or lightweight SR (method.md §2.2)."""
 
     family: Literal["swinir"] = "swinir"
+    # Its activations overflow fp16 into NaN / black output (JingyunLiang/SwinIR#103, #180); its forward
+    # builds the shifted-window mask from Python ints of the input size, which ONNX tracing freezes.
+    fp16_safe: ClassVar[bool] = False
+    windowed_attention: ClassVar[bool] = True
+    onnx_dynamic_shapes: ClassVar[bool] = False
     scale: Scale
     embed_dim: PositiveInt = 60
     depths: tuple[PositiveInt, ...] = (6, 6, 6, 6)
@@ -106,10 +131,18 @@ class SwinIRConfig(_Config):
         return self
 
     @property
-    def triple(self) -> ArchTriple:
+    def triple(self) -> Triple:
         if len(set(self.depths)) != 1:
             raise UserError(f"SwinIR with unequal depths {self.depths} has no single N_l")
-        return ArchTriple(self.embed_dim, self.depths[0], len(self.depths))
+        return Triple(self.embed_dim, self.depths[0], len(self.depths))
+
+    @property
+    def pad_multiple(self) -> int:
+        return self.window_size
+
+    @property
+    def attention_values_per_token(self) -> int:
+        return max(self.num_heads) * self.window_size**2
 
     @property
     def heads(self) -> int:
@@ -125,7 +158,7 @@ class SwinIRConfig(_Config):
         return self._rebuilt(embed_dim=n_c, depths=(n_l,) * n_b, num_heads=(heads,) * n_b)
 
 
-class RLFNConfig(_Config):
+class RLFNConfig(BaseConfig):
     """RLFN / RLFN-S (bytedance/RLFN, method.md §2.5); a compressed RLFN may have fewer convs/blocks."""
 
     family: Literal["rlfn"] = "rlfn"
@@ -146,8 +179,8 @@ class RLFNConfig(_Config):
         return data
 
     @property
-    def triple(self) -> ArchTriple:
-        return ArchTriple(self.channels, self.convs_per_block, self.num_blocks)
+    def triple(self) -> Triple:
+        return Triple(self.channels, self.convs_per_block, self.num_blocks)
 
     def with_triple(self, n_c: int, n_l: int, n_b: int) -> RLFNConfig:
         return self._rebuilt(channels=n_c, convs_per_block=n_l, num_blocks=n_b, esa_channels=min(16, n_c))

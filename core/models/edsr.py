@@ -7,12 +7,14 @@ published weights require. EDSR-PyTorch names are converted on load (checkpoint.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.models.config import EDSRConfig
+from core.models.statedict import count_indexed, scale_from_upsample
 
 # DIV2K RGB mean in [0, 1] units, shared by EDSR and SwinIR.
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -85,3 +87,55 @@ class EDSR(nn.Module):
         if self.config.mean_convs:
             return self.add_mean(x) / self.img_range
         return x / self.img_range + self.mean.to(x.dtype)
+
+
+# --- reading checkpoints (core.models.checkpoint dispatches here) -------------------------------------
+
+# EDSR stores no res_scale; known (num_feat, num_block) shapes imply it (method.md §2.3).
+RES_SCALE_BY_SHAPE = {(256, 32): 0.1, (16, 8): 2.0}
+
+
+def matches(sd: dict[str, Tensor]) -> bool:
+    return "conv_first.weight" in sd and "body.0.conv1.weight" in sd
+
+
+def detect(sd: dict[str, Tensor]) -> tuple[EDSRConfig, list[str]]:
+    num_feat = sd["conv_first.weight"].shape[0]
+    num_block = count_indexed(sd, "body.{}.conv1.weight")
+    res_scale = RES_SCALE_BY_SHAPE.get((num_feat, num_block), 1.0)
+    notes = [
+        f"res_scale {res_scale:g} assumed from the shape {num_feat}x{num_block} (checkpoints do not store it)"
+    ]
+    config = EDSRConfig(
+        scale=scale_from_upsample(sd, num_feat),
+        num_feat=num_feat,
+        num_block=num_block,
+        res_scale=res_scale,
+        mean_convs="sub_mean.weight" in sd,
+    )
+    return config, notes
+
+
+_EDSR_PYTORCH_RULES = [
+    (re.compile(r"^head\.0\."), "conv_first."),
+    (re.compile(r"^body\.(\d+)\.body\.0\."), r"body.\1.conv1."),
+    (re.compile(r"^body\.(\d+)\.body\.2\."), r"body.\1.conv2."),
+    (re.compile(r"^tail\.0\.(\d+)\."), r"upsample.\1."),
+    (re.compile(r"^tail\.1\."), "conv_last."),
+]
+
+
+def from_edsr_pytorch(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename EDSR-PyTorch keys (head/body.i.body.k/body.B/tail) to BasicSR's; keep sub_/add_mean."""
+    # body.{B} (a bare conv, no `.body.` inside) is the conv after the residual blocks.
+    after_body = {int(m.group(1)) for key in tensors if (m := re.match(r"^body\.(\d+)\.weight$", key))}
+    renamed = {}
+    for key, value in tensors.items():
+        new = key
+        if (m := re.match(r"^body\.(\d+)\.(weight|bias)$", key)) and int(m.group(1)) in after_body:
+            new = f"conv_after_body.{m.group(2)}"
+        else:
+            for pattern, replacement in _EDSR_PYTORCH_RULES:
+                new = pattern.sub(replacement, new)
+        renamed[new] = value
+    return renamed

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.models.config import RLFNConfig
+from core.models.statedict import count_indexed, scale_from_pixelshuffle_conv
 
 LEAKY_SLOPE = 0.05
 # ESA: stride-2 3x3 conv (no padding) then a 7x7 max-pool, so each side needs >= 15 input pixels.
@@ -83,3 +84,21 @@ class RLFN(nn.Module):
             out = getattr(self, f"block_{i}")(out)
         out = self.conv_2(out) + features
         return self.upsampler(out) / self.pixel_range
+
+
+# --- reading checkpoints (core.models.checkpoint dispatches here) -------------------------------------
+
+
+def matches(sd: dict[str, Tensor]) -> bool:
+    return "conv_1.weight" in sd and "block_1.c5.weight" in sd
+
+
+def detect(sd: dict[str, Tensor]) -> tuple[RLFNConfig, list[str]]:
+    config = RLFNConfig(
+        scale=scale_from_pixelshuffle_conv(sd["upsampler.0.weight"].shape[0], "upsampler.0"),
+        channels=sd["conv_1.weight"].shape[0],
+        num_blocks=count_indexed(sd, "block_{}.c5.weight", start=1),
+        convs_per_block=count_indexed(sd, "block_1.c{}_r.weight", start=1),
+        esa_channels=sd["block_1.esa.conv1.weight"].shape[0],
+    )
+    return config, []

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.errors import CheckpointError, UserError
 from core.models.config import SwinIRConfig
 from core.models.edsr import DIV2K_RGB_MEAN, Upsample
+from core.models.statedict import count_indexed, scale_from_pixelshuffle_conv, scale_from_upsample
 
 # Channel width of the classical ('pixelshuffle') reconstruction tail, fixed in the official code.
 CLASSICAL_TAIL_FEAT = 64
@@ -113,8 +114,13 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
+        # The explicit matmul + bias + mask + softmax below is the reference (and what FLOP counting
+        # sees); `fused` (an inference option, core.infer) runs the same math through SDPA.
+        self.fused = False
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if self.fused:
+            return self._fused_forward(x, mask)
         b_windows, n, c = x.shape
         qkv = self.qkv(x).reshape(b_windows, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -128,6 +134,34 @@ class WindowAttention(nn.Module):
             attn = (attn + mask.to(attn.dtype).unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, n, n)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b_windows, n, c))
+
+    def _fused_forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """`forward` through `F.scaled_dot_product_attention` (same inputs and result).
+
+        Every window gets the relative-position bias as a broadcast mask (no copy). The shift mask is
+        non-zero only in the last row and column of windows, so only those windows are attended again
+        with bias + mask, instead of materialising a (windows, heads, 64, 64) mask for all of them.
+        """
+        b_windows, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(b_windows, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        table = self.relative_position_bias_table
+        bias = table[self.relative_position_index.view(-1)].view(n, n, heads).permute(2, 0, 1)
+        bias = bias.unsqueeze(0).to(q.dtype)  # (1, heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if mask is not None:
+            n_windows = mask.shape[0]
+            masked = mask.ne(0).flatten(1).any(1).nonzero().squeeze(1)  # windows that straddle regions
+            if masked.numel():
+                images = b_windows // n_windows
+                offsets = n_windows * torch.arange(images, device=x.device)
+                rows = (masked[None, :] + offsets[:, None]).flatten()
+                window_mask = bias + mask[masked].to(q.dtype).unsqueeze(1).repeat(images, 1, 1, 1)
+                out[rows] = F.scaled_dot_product_attention(
+                    q[rows], k[rows], v[rows], attn_mask=window_mask, scale=self.scale
+                )
+        return self.proj(out.transpose(1, 2).reshape(b_windows, n, c))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -327,3 +361,60 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+# --- reading checkpoints (core.models.checkpoint dispatches here) -------------------------------------
+
+
+def matches(sd: dict[str, Tensor]) -> bool:
+    return "conv_first.weight" in sd and "layers.0.residual_group.blocks.0.attn.qkv.weight" in sd
+
+
+def detect(sd: dict[str, Tensor]) -> tuple[SwinIRConfig, list[str]]:
+    notes: list[str] = []
+    if "conv_after_body.0.weight" in sd:
+        raise CheckpointError("SwinIR with resi_connection '3conv' is not supported (only '1conv')")
+    if "conv_up1.weight" in sd:
+        raise CheckpointError(
+            "SwinIR 'nearest+conv' (real-world SR) is not supported; use a classical or lightweight one"
+        )
+    embed_dim = sd["conv_first.weight"].shape[0]
+    n_layers = count_indexed(sd, "layers.{}.residual_group.blocks.0.norm1.weight")
+    depths = tuple(
+        count_indexed(sd, f"layers.{k}.residual_group.blocks.{{}}.norm1.weight") for k in range(n_layers)
+    )
+    heads = tuple(
+        sd[f"layers.{k}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1]
+        for k in range(n_layers)
+    )
+    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window_size = (math.isqrt(table_rows) + 1) // 2
+    mlp_ratio = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+
+    img_size = 64
+    mask_key = next((key for key in sd if key.endswith(".attn_mask")), None)
+    if mask_key is not None:
+        windows_per_side = math.isqrt(sd[mask_key].shape[0])
+        img_size = windows_per_side * window_size
+        if img_size != 64:
+            notes.append(f"img_size {img_size} taken from the attn_mask shape {tuple(sd[mask_key].shape)}")
+
+    if "conv_before_upsample.0.weight" in sd:
+        upsampler = "pixelshuffle"
+        scale = scale_from_upsample(sd, sd["conv_before_upsample.0.weight"].shape[0])
+    elif "upsample.0.weight" in sd:
+        upsampler = "pixelshuffledirect"
+        scale = scale_from_pixelshuffle_conv(sd["upsample.0.weight"].shape[0], "upsample.0")
+    else:
+        raise CheckpointError("SwinIR without an SR upsampler (denoising/JPEG) is not supported")
+    config = SwinIRConfig(
+        scale=scale,
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=heads,
+        window_size=window_size,
+        mlp_ratio=mlp_ratio,
+        upsampler=upsampler,
+        img_size=img_size,
+    )
+    return config, notes

@@ -17,24 +17,23 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from core.data.datasets import TrainImages
-from core.losses import charbonnier_loss
-from core.models import deep_feature_weights
-from core.prune.obproxsg import OBProxSG, default_prox_epochs
-from core.training import (
+from core.loop import (
     CHANNELS_LAST,
     CancelFn,
     LoopEvery,
     ProgressFn,
     check_cancel,
-    load_checkpoint_state,
     never_cancel,
     no_progress,
-    rng_state,
-    save_checkpoint,
+    resume_loop,
+    save_loop,
     seconds_per_step,
-    set_rng_state,
     to_device,
 )
+from core.losses import charbonnier_loss
+from core.models.build import deep_feature_weights
+from core.prune.obproxsg import OBProxSG, default_prox_epochs
+from core.results import DensityPoint, PruneResult
 
 
 class PruneConfig(BaseModel):
@@ -51,28 +50,6 @@ class PruneConfig(BaseModel):
     regularize: Literal["all", "deep_features_only"] = "all"
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
-
-
-class DensityPoint(BaseModel):
-    iteration: int
-    charbonnier: float
-    l1_norm: float
-    density: float
-    phase: str
-
-
-class PruneResult(BaseModel):
-    density: float = Field(description="non-zero / all entries of the deep-feature weights (method.md §3.3)")
-    counted_weights: int
-    nonzero_weights: int
-    per_layer_density: dict[str, float]
-    curve: list[DensityPoint]
-    iterations: int
-    epoch_size: int = Field(description="optimizer steps per epoch")
-    n_prox_epochs: int
-    final_phase: str
-    lambda_: float
-    seconds: float
 
 
 def density_report(model: nn.Module) -> tuple[float, int, int, dict[str, float]]:
@@ -154,10 +131,8 @@ def run_prune(
     path = workdir / "prune.pt"
     curve: list[DensityPoint] = []
     start, elapsed = 0, 0.0
-    if (state := load_checkpoint_state(path)) is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+    stateful = {"model": model, "optimizer": optimizer}
+    if (state := resume_loop(path, stateful)) is not None:
         curve = [DensityPoint(**p) for p in state["curve"]]
         start, elapsed = state["iteration"], state["seconds"]
 
@@ -184,17 +159,7 @@ def run_prune(
             }
             on_progress("pruning", iteration / config.iterations, point.model_dump() | timing)
         if every.due(every.checkpoint, iteration, config.iterations):
-            save_checkpoint(
-                path,
-                {
-                    "iteration": iteration,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "rng": rng_state(),
-                    "curve": [p.model_dump() for p in curve],
-                    "seconds": time.perf_counter() - began,
-                },
-            )
+            save_loop(path, iteration, began, stateful, curve=[p.model_dump() for p in curve])
 
     density, counted, nonzero, per_layer = density_report(model)
     result = PruneResult(

@@ -16,18 +16,26 @@ Every knob stays overridable from the job; `resolve_recipe` applies the job's ov
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.distill.schedule import LrSchedule
+from core.schedule import LrSchedule
 
 if TYPE_CHECKING:
-    from core.pipeline import JobParams
+    from core.job import JobParams
 
 RecipeName = Literal["paper", "fast"]
 StudentInit = Literal["scratch", "inherit"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# The distillation losses of core.losses: the paper's, and the variants bench/recipes.py compares.
+DistillLoss = Literal["paper", "laplacian_flat", "pixel_hf", "l1_gt", "l1_teacher", "blend"]
+DISTILL_LOSSES: tuple[str, ...] = get_args(DistillLoss)
+
+
+def loss_needs_teacher(loss: str) -> bool:
+    """Every loss but plain L1 to the ground truth has the teacher's output as a target."""
+    return loss != "l1_gt"
 
 
 class Recipe(BaseModel):
@@ -37,7 +45,7 @@ class Recipe(BaseModel):
 
     name: RecipeName
     student_init: StudentInit
-    loss: str = Field(description="one of core.losses.DISTILL_LOSSES")
+    loss: DistillLoss
     alpha: float = Field(description="weight of L1(student, ground truth) in paper / pixel_hf")
     lr: float
     schedule: LrSchedule

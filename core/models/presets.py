@@ -1,17 +1,16 @@
-"""Named presets (method.md §2.3, §2.5), building models from configs, and the density tensors (§3.3)."""
+"""Named presets (method.md §2.3, §2.5): each preset's architecture fields, and its config at a scale.
+
+No torch here: the job contract (core.job) validates preset names without building anything.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import ValidationError
-from torch import Tensor, nn
 
-from core.errors import UserError
+from core.errors import UserError, describe_validation_error
 from core.models.config import SCALES, EDSRConfig, ModelConfig, RLFNConfig, SwinIRConfig, parse_config
-from core.models.edsr import EDSR
-from core.models.rlfn import RLFN
-from core.models.swinir import SwinIR
 
 # Architecture fields of each preset, without the scale (which every call states).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -51,15 +50,6 @@ _CONFIG_TYPES: dict[str, type[EDSRConfig | SwinIRConfig | RLFNConfig]] = {
 }
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming each bad field and pydantic's reason."""
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "config"
-        parts.append(f"{where}: {item['msg']}")
-    return "; ".join(parts)
-
-
 def preset_config(name: str, scale: int, **overrides: Any) -> ModelConfig:
     """The config of preset `name` at `scale`, with fields replaced by `overrides`."""
     if name not in PRESETS:
@@ -77,40 +67,6 @@ def preset_config(name: str, scale: int, **overrides: Any) -> ModelConfig:
     try:
         return parse_config({**fields, "scale": scale, **overrides})
     except ValidationError as error:
-        raise UserError(f"bad override for preset {name!r}: {describe_validation_error(error)}") from None
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """A freshly initialised network for `config` (train mode); `model.config` is the config."""
-    if isinstance(config, EDSRConfig):
-        return EDSR(config)
-    if isinstance(config, SwinIRConfig):
-        return SwinIR(config)
-    if isinstance(config, RLFNConfig):
-        return RLFN(config)
-    raise UserError(f"not a model config: {type(config).__name__}")
-
-
-def create_model(name: str, scale: int, **overrides: Any) -> nn.Module:
-    return build_model(preset_config(name, scale, **overrides))
-
-
-def deep_feature_weights(model: nn.Module) -> dict[str, Tensor]:
-    """The weight tensors counted in the density d (method.md §3.3), by parameter name.
-
-    EDSR: the block convs and conv_after_body. SwinIR: every `.weight` inside the RSTBs (LayerNorms,
-    qkv, proj, MLP, RSTB conv), no biases or RPB tables. RLFN: every conv weight in the blocks (ESA
-    included) and conv_2. The returned tensors are the live parameters, not copies.
-    """
-    family = model.config.family
-
-    def counted(name: str) -> bool:
-        if not name.endswith(".weight"):
-            return False
-        if family == "edsr":
-            return name.startswith("body.") or name == "conv_after_body.weight"
-        if family == "swinir":
-            return name.startswith("layers.")
-        return name.startswith("block_") or name == "conv_2.weight"
-
-    return {name: p for name, p in model.named_parameters() if counted(name)}
+        raise UserError(
+            f"bad override for preset {name!r}: {describe_validation_error(error.errors())}"
+        ) from None

@@ -1,4 +1,4 @@
-"""What every training stage shares: device choice, determinism, EMA, atomic resumable checkpoints.
+"""What every training loop shares: device choice, determinism, EMA, atomic resumable checkpoints.
 
 A stage's checkpoint holds everything its loop needs to continue as if it had never stopped: weights,
 EMA, optimizer state (OBProx-SG's step/epoch counters included), the torch RNG (SwinIR's drop-path
@@ -112,6 +112,28 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def save_loop(path: Path, iteration: int, began: float, stateful: dict[str, Any], **history: Any) -> None:
+    """Checkpoint a training loop: each stateful object's state_dict (model, EMA, optimizer, ...), the RNG,
+    the iteration, the seconds since `began` (a perf_counter time) and the loop's history so far."""
+    objects = {key: obj.state_dict() for key, obj in stateful.items()}
+    seconds = time.perf_counter() - began
+    save_checkpoint(
+        path, {"iteration": iteration, "seconds": seconds, "rng": rng_state(), **objects, **history}
+    )
+
+
+def resume_loop(path: Path, stateful: dict[str, Any]) -> dict[str, Any] | None:
+    """Load a loop's checkpoint (save_loop) into its stateful objects and the RNG; returns the checkpoint
+    (iteration, seconds, history) or None when the loop has not saved one yet."""
+    state = load_checkpoint_state(path)
+    if state is not None:
+        for key, obj in stateful.items():
+            if key in state:
+                obj.load_state_dict(state[key])
+        set_rng_state(state["rng"])
+    return state
+
+
 # Channels-last activations: oneDNN's fast path for the small convolutions of SR models (about 1.4x per
 # training step on a CPU here); the weights stay ordinary tensors for state_dict and safetensors.
 CHANNELS_LAST = torch.channels_last
@@ -174,7 +196,7 @@ def resolve_precision(
 
 def check_cancel(should_cancel: CancelFn) -> None:
     if should_cancel():
-        raise Canceled("canceled by request")
+        raise Canceled("stopped: the caller asked the stage to stop")
 
 
 # Batches drawn to measure step times: far past any run's iterations, so measuring draws nothing a run uses.

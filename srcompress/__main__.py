@@ -1,0 +1,5 @@
+import sys
+
+from srcompress.cli import main
+
+sys.exit(main())
