@@ -124,3 +124,9 @@ def current_caller(request: Request, services: Services = Depends(get_services))
         caller = Caller(key_id=row.id, name=row.name)
     request.state.caller = caller
     return caller
+
+
+# What a route declares to get them: `services: ServicesDep`, `caller: CurrentCaller`, `session: ReadSession`.
+ServicesDep = Annotated[Services, Depends(get_services)]
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
+ReadSession = Annotated[Session, Depends(read_session)]

@@ -29,6 +29,7 @@ import logging
 import math
 import mimetypes
 import os
+import re
 import shutil
 import socket
 import time
@@ -261,7 +262,8 @@ class JobRunner:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.deleted_at is not None:
             raise UserError(f"dataset {dataset_id} does not exist")
-        folder = root / dataset_id
+        # <id>/<name>: the report names a validation set by its folder, so that is the user's name for it.
+        folder = root / dataset_id / _folder_name(dataset.name)
         if not download_dir(self.blobs, dataset.blob_prefix, folder):
             raise UserError(f"dataset {dataset_id} has no stored images")
         return folder
@@ -414,3 +416,9 @@ def _one_line(error: Exception) -> str:
     if isinstance(error, ValidationError):
         return "invalid job config: " + describe_validation_error(error.errors())
     return " ".join(str(error).split())
+
+
+def _folder_name(name: str) -> str:
+    """A dataset's name as a folder name: letters, digits, '.', '_' and '-' kept, the rest '_'."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:64]
+    return safe or "dataset"

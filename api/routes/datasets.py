@@ -7,14 +7,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 from sqlalchemy import or_
 from sqlalchemy.orm import Session
 
 from api.archives import extract_images
 from api.crud import dataset_in_use, visible_dataset
-from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
+from api.deps import (
+    Caller,
+    CurrentCaller,
+    Offset,
+    ReadSession,
+    Services,
+    ServicesDep,
+)
 from api.errors import ApiError, error_responses
 from api.schemas import SAMPLE_DATASET_ID, DatasetOut, Page
 from api.uploads import read_upload
@@ -76,11 +83,11 @@ def store_images(blobs: BlobStore, prefix: str, images: dict[str, Path]) -> None
 
 @router.post("/datasets", status_code=201, response_model=DatasetOut, summary="Upload a zip or tar of images")
 def upload_dataset(
+    services: ServicesDep,
+    caller: CurrentCaller,
     file: UploadFile = File(description="a .zip, .tar, .tar.gz or .tgz of PNG/JPEG/WebP/BMP/TIFF images"),
     name: str | None = Form(None, max_length=200),
     kind: str = Form("train", pattern="^(train|eval)$"),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     data = read_upload(file, services.settings.max_upload_bytes)
     with tempfile.TemporaryDirectory(prefix="srcompress-dataset-") as tmp:
@@ -121,10 +128,10 @@ def _store_dataset(
     "/datasets", response_model=Page[DatasetOut], summary="The caller's datasets and the built-in ones"
 )
 def list_datasets(
+    session: ReadSession,
+    caller: CurrentCaller,
     limit: int = Query(50, ge=1, le=200),
     offset: Offset = 0,
-    session: Session = Depends(read_session),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     where = [
         or_(Dataset.owner_key_id == caller.key_id, Dataset.owner_key_id.is_(None)),
@@ -135,7 +142,9 @@ def list_datasets(
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut, summary="One dataset")
 def show_dataset(
-    dataset_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+    dataset_id: str,
+    session: ReadSession,
+    caller: CurrentCaller,
 ) -> Any:
     return DatasetOut.of(visible_dataset(session, caller, dataset_id))
 
@@ -145,8 +154,8 @@ def show_dataset(
 )
 def delete_dataset(
     dataset_id: str,
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
+    services: ServicesDep,
+    caller: CurrentCaller,
 ) -> Response:
     # Committed before the 204 is sent (a yield dependency may commit after it): a following GET sees it.
     with services.sessions.begin() as session:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.deps import Services, get_services
+from api.deps import Services, ServicesDep
 from api.errors import error_responses
 
 router = APIRouter(tags=["health"])
@@ -41,7 +41,9 @@ def _check_storage(services: Services) -> None:
     summary="Readiness: database, broker and storage reachable",
     responses={200: {"description": "every check passed"}, **error_responses(503)},
 )
-async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
+async def readyz(
+    services: ServicesDep,
+) -> JSONResponse:
     checks: dict[str, dict[str, Any]] = {}
     for name, check in (
         ("database", _check_database),
@@ -72,6 +74,8 @@ async def readyz(services: Services = Depends(get_services)) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
 )
-def metrics(services: Services = Depends(get_services)) -> Response:
+def metrics(
+    services: ServicesDep,
+) -> Response:
     registry = services.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,34 +5,29 @@ only inserts the job row and sends ``worker.tasks.run_job`` by name."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from api.crud import owned_job, owned_model, stream_blob, visible_dataset
+from api.crud import owned_job, stream_blob
 from api.deps import (
     MAX_OFFSET,
-    Caller,
+    CurrentCaller,
     Offset,
+    ReadSession,
     Services,
-    current_caller,
-    get_services,
-    read_session,
+    ServicesDep,
 )
 from api.errors import ApiError, error_responses, not_found
 from api.schemas import ArtifactOut, EventOut, JobCreate, JobOut, Page
-from core.models.presets import PRESETS
+from api.submit import submit_job
 from store import jobs as store_jobs
 from store.jobs import JOB_STATES
-from store.queue import TASK_NAME, TASK_QUEUE
 from store.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=error_responses(401, 404, 409, 413, 422, 429, 503))
@@ -42,105 +37,16 @@ SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
 
 
-def request_hash(body: JobCreate) -> str:
-    """sha256 of the request's canonical form: the same fields and values hash the same however sent."""
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def job_config(body: JobCreate) -> dict[str, Any]:
-    """What the worker needs besides the teacher model id: JobParams plus the datasets by role."""
-    config = body.params().model_dump(mode="json")
-    config["train_dataset_ids"] = list(dict.fromkeys(body.train_dataset_ids))
-    config["val_dataset_ids"] = list(dict.fromkeys(body.val_dataset_ids))
-    return config
-
-
-def _check_references(session: Session, caller: Caller, body: JobCreate) -> None:
-    teacher = owned_model(session, caller, body.teacher_model_id)
-    expected_family = PRESETS[body.model]["family"] if body.model in PRESETS else None
-    if expected_family is None:
-        raise ApiError(
-            422, "invalid_request", f"unknown preset {body.model!r}; choose one of: {', '.join(PRESETS)}"
-        )
-    if teacher.family != expected_family:
-        raise ApiError(
-            422,
-            "teacher_mismatch",
-            f"teacher model {teacher.id} is a {teacher.family} model, not {body.model} ({expected_family})",
-        )
-    if teacher.scale != body.scale:
-        raise ApiError(
-            422, "teacher_mismatch", f"teacher model {teacher.id} is x{teacher.scale}, not x{body.scale}"
-        )
-    for dataset_id in [*body.train_dataset_ids, *body.val_dataset_ids]:
-        visible_dataset(session, caller, dataset_id)
-
-
-def _existing_for_key(session: Session, caller: Caller, idempotency_key: str) -> Job | None:
-    stmt = select(Job).where(Job.owner_key_id == caller.key_id, Job.idempotency_key == idempotency_key)
-    return session.execute(stmt).scalar_one_or_none()
-
-
-def enqueue(services: Services, job_id: str) -> None:
-    services.celery.send_task(TASK_NAME, args=[job_id], queue=TASK_QUEUE)
-
-
 @router.post("/jobs", status_code=202, response_model=JobOut, summary="Submit a compression job")
 def create_job(
     body: JobCreate,
+    services: ServicesDep,
+    caller: CurrentCaller,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     """202 with the queued job. The same Idempotency-Key with the same body (within
     idempotency_ttl_seconds) returns the same job; with a different body, 422."""
-    settings = services.settings
-    digest = request_hash(body)
-    with services.sessions.begin() as session:
-        _check_references(session, caller, body)
-        replaying = (
-            idempotency_key is not None and _existing_for_key(session, caller, idempotency_key) is not None
-        )
-        if (
-            not replaying
-            and store_jobs.count_active_jobs(session, caller.key_id) >= settings.max_running_jobs_per_key
-        ):
-            raise ApiError(
-                429,
-                "too_many_jobs",
-                f"this key already has {settings.max_running_jobs_per_key} unfinished jobs; "
-                "wait for one to finish or cancel one",
-                {"limit": settings.max_running_jobs_per_key},
-                headers={"Retry-After": "30"},
-            )
-        config = job_config(body)
-        job, created = store_jobs.create_job(
-            session,
-            config=config,
-            owner_key_id=caller.key_id,
-            teacher_model_id=body.teacher_model_id,
-            dataset_ids=list(dict.fromkeys([*config["train_dataset_ids"], *config["val_dataset_ids"]])),
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
-        )
-        out = JobOut.of(job)
-    if created:
-        try:
-            enqueue(services, job.id)
-        except Exception as error:
-            log.exception("could not enqueue job %s", job.id)
-            with services.sessions.begin() as session:
-                store_jobs.transition(
-                    session, job.id, "failed", error_code="broker_unavailable", error_message=str(error)[:500]
-                )
-            raise ApiError(
-                503,
-                "broker_unavailable",
-                "the job queue is unavailable; try again later",
-                headers={"Retry-After": "10"},
-            ) from None
+    out, created = submit_job(services, caller, body, idempotency_key)
     # A replay answers exactly like the first request did, and says so.
     headers = {} if created else {"Idempotent-Replayed": "true"}
     return JSONResponse(out.model_dump(mode="json"), status_code=202, headers=headers)
@@ -148,11 +54,11 @@ def create_job(
 
 @router.get("/jobs", response_model=Page[JobOut], summary="The caller's jobs, newest first")
 def list_jobs(
+    session: ReadSession,
+    caller: CurrentCaller,
     state: str | None = Query(None, description="filter: " + ", ".join(JOB_STATES)),
     limit: int = Query(20, ge=1, le=100),
     offset: Offset = 0,
-    session: Session = Depends(read_session),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     where = [Job.owner_key_id == caller.key_id]
     if state is not None:
@@ -168,14 +74,18 @@ def list_jobs(
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job: state, stage, progress, metrics")
 def show_job(
-    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+    job_id: str,
+    session: ReadSession,
+    caller: CurrentCaller,
 ) -> Any:
     return JobOut.of(owned_job(session, caller, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, summary="Cancel a job")
 def cancel_job(
-    job_id: str, services: Services = Depends(get_services), caller: Caller = Depends(current_caller)
+    job_id: str,
+    services: ServicesDep,
+    caller: CurrentCaller,
 ) -> Any:
     """A queued job is canceled at once; a running one is flagged and its worker stops within seconds."""
     with services.sessions.begin() as session:
@@ -212,11 +122,11 @@ def _poll(services: Services, job_id: str, after: int) -> tuple[list[EventOut], 
 async def job_events(
     job_id: str,
     request: Request,
+    services: ServicesDep,
+    caller: CurrentCaller,
     last_event_id: str | None = Header(None, alias="Last-Event-ID"),
     after: int | None = Query(None, ge=0, le=MAX_OFFSET, description="same as Last-Event-ID"),
     follow: bool = Query(True, description="keep the stream open until the job finishes"),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> StreamingResponse:
     def check() -> None:
         with services.read_sessions() as session:
@@ -267,7 +177,9 @@ async def job_events(
 
 @router.get("/jobs/{job_id}/report", summary="core's CompressionReport of a succeeded job")
 def job_report(
-    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+    job_id: str,
+    session: ReadSession,
+    caller: CurrentCaller,
 ) -> Any:
     job = owned_job(session, caller, job_id)
     if job.report is None:
@@ -283,7 +195,9 @@ def _artifact_url(job_id: str, name: str) -> str:
 
 @router.get("/jobs/{job_id}/artifacts", response_model=list[ArtifactOut], summary="Files the job produced")
 def list_artifacts(
-    job_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+    job_id: str,
+    session: ReadSession,
+    caller: CurrentCaller,
 ) -> Any:
     owned_job(session, caller, job_id)
     rows = session.execute(
@@ -301,9 +215,9 @@ def list_artifacts(
 def get_artifact(
     job_id: str,
     name: str,
-    session: Session = Depends(read_session),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
+    session: ReadSession,
+    services: ServicesDep,
+    caller: CurrentCaller,
 ) -> Response:
     owned_job(session, caller, job_id)
     row = session.execute(

@@ -7,13 +7,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy.orm import Session
 from torch import nn
 
 from api.crud import model_in_use, owned_model, stream_blob
-from api.deps import Caller, Offset, Services, current_caller, get_services, read_session
+from api.deps import (
+    Caller,
+    CurrentCaller,
+    Offset,
+    ReadSession,
+    Services,
+    ServicesDep,
+)
 from api.errors import ApiError, error_responses, not_found
 from api.schemas import DownloadOut, ModelOut, Page, PresetOut
 from api.uploads import save_upload
@@ -37,10 +44,10 @@ URL_EXPIRES_SECONDS = 3600
 
 @router.get("/presets", response_model=list[PresetOut], summary="Model presets with params and MACs")
 def list_presets(
+    services: ServicesDep,
+    _caller: CurrentCaller,
     name: str | None = Query(None, description="only this preset"),
     scale: int | None = Query(None, description="only this scale (2, 3 or 4)"),
-    services: Services = Depends(get_services),
-    _caller: Caller = Depends(current_caller),
 ) -> Any:
     """Params and MACs (at the default LR size, 640x360 for x2) of every preset at every scale."""
     if name is not None and name not in PRESETS:
@@ -63,6 +70,8 @@ def complexity_of(model: nn.Module) -> tuple[int, int]:
 
 @router.post("/models", status_code=201, response_model=ModelOut, summary="Upload a checkpoint")
 def upload_model(
+    services: ServicesDep,
+    caller: CurrentCaller,
     file: UploadFile = File(
         description=".pth/.pt (state_dict, optionally under params/params_ema) or .safetensors"
     ),
@@ -70,8 +79,6 @@ def upload_model(
     family: str | None = Form(None, description="edsr | swinir | rlfn; detected when omitted"),
     scale: int | None = Form(None, description="2 | 3 | 4; detected when omitted"),
     preset: str | None = Form(None, description="a preset whose hyper-parameters the checkpoint has"),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     filename = Path(file.filename or "checkpoint.pth").name
     suffix = Path(filename).suffix.lower()
@@ -116,11 +123,11 @@ def upload_model(
 
 @router.get("/models", response_model=Page[ModelOut], summary="The caller's models")
 def list_models(
+    session: ReadSession,
+    caller: CurrentCaller,
     limit: int = Query(50, ge=1, le=200),
     offset: Offset = 0,
     source: str | None = Query(None, pattern="^(upload|job|builtin)$"),
-    session: Session = Depends(read_session),
-    caller: Caller = Depends(current_caller),
 ) -> Any:
     where = [Model.owner_key_id == caller.key_id, Model.deleted_at.is_(None)]
     if source:
@@ -130,7 +137,9 @@ def list_models(
 
 @router.get("/models/{model_id}", response_model=ModelOut, summary="One model")
 def show_model(
-    model_id: str, session: Session = Depends(read_session), caller: Caller = Depends(current_caller)
+    model_id: str,
+    session: ReadSession,
+    caller: CurrentCaller,
 ) -> Any:
     return ModelOut.of(owned_model(session, caller, model_id))
 
@@ -138,8 +147,8 @@ def show_model(
 @router.delete("/models/{model_id}", status_code=204, summary="Delete a model (409 while a live job uses it)")
 def delete_model(
     model_id: str,
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
+    services: ServicesDep,
+    caller: CurrentCaller,
 ) -> Response:
     # Committed before the 204 is sent (a yield dependency may commit after it): a following GET sees it.
     with services.sessions.begin() as session:
@@ -174,9 +183,9 @@ def _download_url(blobs: BlobStore, model_id: str, name: str, key: str) -> Downl
 @router.get("/models/{model_id}/download", response_model=list[DownloadOut], summary="Download links")
 def download_links(
     model_id: str,
-    session: Session = Depends(read_session),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
+    session: ReadSession,
+    services: ServicesDep,
+    caller: CurrentCaller,
 ) -> Any:
     """Presigned S3 URLs (no auth header needed), or API paths that stream the file (local storage)."""
     row = owned_model(session, caller, model_id)
@@ -191,10 +200,10 @@ def download_links(
 def download_file(
     model_id: str,
     name: str,
+    session: ReadSession,
+    services: ServicesDep,
+    caller: CurrentCaller,
     redirect: bool = Query(True, description="on S3: 307 to a presigned URL (false: stream it)"),
-    session: Session = Depends(read_session),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> Response:
     row = owned_model(session, caller, model_id)
     key = model_files(row).get(name)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from api.crud import owned_model
-from api.deps import Caller, Services, current_caller, get_services
+from api.deps import CurrentCaller, ServicesDep
 from api.errors import ApiError, error_responses
 from api.serving import check_pixels, upscale_image
 from api.uploads import read_upload
@@ -45,13 +45,13 @@ RETRY_AFTER_SECONDS = 2
     responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
 )
 async def upscale(
+    services: ServicesDep,
+    caller: CurrentCaller,
     file: UploadFile = File(description="PNG, JPEG, WebP, BMP or TIFF"),
     model_id: str = Form(description="a model id (an upload or a job's result)"),
     preset: str | None = Form(None, description="load the model's weights into this preset's architecture"),
     format: str = Form("png", pattern="^(auto|png|jpg|jpeg|webp)$", description="output format"),
     tile: int | None = Form(None, ge=32, le=2048, description="LR tile size (default: sized from memory)"),
-    services: Services = Depends(get_services),
-    caller: Caller = Depends(current_caller),
 ) -> Response:
     settings = services.settings
     if preset is not None and preset not in PRESETS:
