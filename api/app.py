@@ -13,7 +13,8 @@ from fastapi.responses import Response
 
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.routes import datasets, health, jobs, models, upscale
+from api.routes import datasets, health, jobs, models, upscale, webhooks
+from api.routes.ui import mount_dashboard
 from api.uploads import BodyLimit
 from store.settings import Settings
 
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(upscale.router)
+    app.include_router(webhooks.router)
+    mount_dashboard(app)  # the web dashboard at /ui and the crops it shows
     return app
 
 

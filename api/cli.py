@@ -132,6 +132,7 @@ def cmd_keys_create(args: argparse.Namespace) -> None:
             row, raw_key = create_api_key(session, args.name)
     finally:
         engine.dispose()
+    print(f"webhook signing secret of this key (shown only this once): {row.webhook_secret}", file=sys.stderr)
     print(f"created key {row.id} ({args.name}); it is shown only this once:", file=sys.stderr)
     print(raw_key)
 
@@ -165,6 +166,22 @@ def cmd_keys_revoke(args: argparse.Namespace) -> None:
     print(f"revoked {args.key_id}")
 
 
+def cmd_keys_rotate_webhook_secret(args: argparse.Namespace) -> None:
+    from core.errors import UserError
+    from store.apikeys import rotate_webhook_secret
+
+    engine, sessions = _key_sessions()
+    try:
+        with sessions.begin() as session:
+            secret = rotate_webhook_secret(session, args.key_id)
+            if secret is None:
+                raise UserError(f"no active API key with id {args.key_id}")
+    finally:
+        engine.dispose()
+    print(f"new webhook signing secret of {args.key_id} (shown only this once):", file=sys.stderr)
+    print(secret)
+
+
 def register(subparsers: Any) -> None:
     """Add `serve` and `keys` to core's `srcompress` parser."""
     p = subparsers.add_parser(
@@ -191,3 +208,8 @@ def register(subparsers: Any) -> None:
     p = keys_sub.add_parser("revoke", help="revoke a key by id")
     p.add_argument("key_id")
     p.set_defaults(func=cmd_keys_revoke)
+    p = keys_sub.add_parser(
+        "rotate-webhook-secret", help="give a key a new webhook signing secret and print it once"
+    )
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_rotate_webhook_secret)

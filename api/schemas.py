@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from core.job import JobParams
 from store.models import model_files
 from store.tables import Dataset, Job, JobEvent, Model
+from store.webhooks import WEBHOOK_EVENTS
 
 SAMPLE_DATASET_ID = "sample"
 Item = TypeVar("Item")
@@ -127,6 +128,16 @@ class JobCreate(JobParams):
     val_dataset_ids: list[str] = Field(
         default_factory=lambda: [SAMPLE_DATASET_ID], min_length=1, max_length=16
     )
+    # Service concerns, not core's: stored on the job row, never in its JobParams config.
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL POSTed (signed) on start, each stage, success, failure and cancellation",
+    )
+    webhook_events: list[Literal[WEBHOOK_EVENTS]] | None = Field(  # type: ignore[valid-type]
+        None, min_length=1, max_length=len(WEBHOOK_EVENTS), description="the events to POST (default: all)"
+    )
 
     def params(self) -> JobParams:
         return JobParams.model_validate(self.model_dump(include=set(JobParams.model_fields)))
@@ -150,6 +161,8 @@ class JobOut(BaseModel):
     result_model_id: str | None
     attempts: int
     cancel_requested: bool
+    webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -173,6 +186,8 @@ class JobOut(BaseModel):
             result_model_id=row.result_model_id,
             attempts=row.attempts,
             cancel_requested=row.cancel_requested,
+            webhook_url=row.webhook_url,
+            webhook_events=row.webhook_events,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

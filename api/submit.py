@@ -16,6 +16,7 @@ from api.crud import owned_model, visible_dataset
 from api.deps import Caller, Services
 from api.errors import ApiError
 from api.schemas import JobCreate, JobOut
+from api.webhooks import check_webhook
 from core.models.presets import PRESETS
 from store import jobs as store_jobs
 from store.queue import TASK_NAME, TASK_QUEUE
@@ -74,6 +75,7 @@ def submit_job(
     """The queued job (or, for a replayed Idempotency-Key, the earlier one) and whether it is new."""
     settings = services.settings
     digest = request_hash(body)
+    check_webhook(services, caller, body)  # before the write transaction: it may resolve a host name
     with services.sessions.begin() as session:
         _check_references(session, caller, body)
         replaying = (
@@ -101,6 +103,8 @@ def submit_job(
             idempotency_key=idempotency_key,
             request_hash=digest,
             idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
+            webhook_url=body.webhook_url,
+            webhook_events=body.webhook_events,
         )
         out = JobOut.of(job)
     if created:

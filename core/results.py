@@ -105,3 +105,45 @@ class ExportResult(BaseModel):
     onnx_lr_size: tuple[int, int]
     onnx_opset: int
     onnx_max_abs_diff: float
+
+
+# --- 6 quantize -----------------------------------------------------------------------------------
+
+
+class FormatResult(BaseModel):
+    """One deployable format, verified against the fp32 PyTorch model (or why it is not offered)."""
+
+    name: str
+    precision: str
+    runtime: str
+    file: str = Field(description="the file a runtime is pointed at")
+    files: list[str] = Field(description="every file of the format (e.g. an OpenVINO .xml and its .bin)")
+    ok: bool = Field(description="converted, ran and met its floor: offered for download and serving")
+    reason: str = ""
+    bytes: int = 0
+    parity_db: float | None = Field(None, description="PSNR of this format's output against fp32's")
+    quality_cost_db: float | None = Field(None, description="fp32's PSNR-Y against HR minus this format's")
+    psnr: float | None = Field(None, description="PSNR-Y against HR on the verification images")
+    ssim: float | None = None
+    latency_ms: float | None = Field(None, description="median CPU latency at the stated LR size, batch 1")
+    seconds: float = Field(0.0, description="time to convert and verify")
+
+
+class Calibration(BaseModel):
+    """How int8 activation ranges were found (recorded with every int8 format)."""
+
+    method: str
+    patches: int
+    patch_size: int
+    seed: int
+    source: list[str] = Field(description="the image folders the LR patches were drawn from")
+
+
+class QuantizeResult(BaseModel):
+    formats: list[FormatResult]
+    calibration: Calibration | None
+    verification_set: str
+    fp32_psnr: float
+    fp32_ssim: float
+    latency_lr_size: tuple[int, int]
+    latency_setup: str

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from store.tables import ApiKey, utcnow
 
 KEY_SCHEME = "src"
+WEBHOOK_SECRET_SCHEME = "whsec"
 
 
 def hash_api_key(raw_key: str) -> str:
@@ -29,10 +30,22 @@ def generate_api_key() -> tuple[str, str]:
     return f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}", prefix
 
 
+def generate_webhook_secret() -> str:
+    """A fresh secret that signs a key's webhooks (store.webhooks)."""
+    return f"{WEBHOOK_SECRET_SCHEME}_{secrets.token_urlsafe(32)}"
+
+
 def create_api_key(session: Session, name: str, *, now: datetime | None = None) -> tuple[ApiKey, str]:
-    """Insert a key; returns the row and the raw key (shown to the user once, never stored)."""
+    """Insert a key; returns the row and the raw key (shown to the user once, never stored). The row's
+    ``webhook_secret`` is new too, and is shown with the key."""
     raw_key, prefix = generate_api_key()
-    row = ApiKey(name=name, key_hash=hash_api_key(raw_key), prefix=prefix, created_at=now or utcnow())
+    row = ApiKey(
+        name=name,
+        key_hash=hash_api_key(raw_key),
+        prefix=prefix,
+        created_at=now or utcnow(),
+        webhook_secret=generate_webhook_secret(),
+    )
     session.add(row)
     session.flush()
     return row, raw_key
@@ -52,3 +65,14 @@ def revoke_api_key(session: Session, key_id: str) -> bool:
     row.revoked = True
     session.flush()
     return True
+
+
+def rotate_webhook_secret(session: Session, key_id: str) -> str | None:
+    """Give an unrevoked key a new webhook secret and return it (None: no such key). Deliveries sent
+    from now on are signed with it, retries of earlier events included."""
+    row = session.get(ApiKey, key_id)
+    if row is None or row.revoked:
+        return None
+    row.webhook_secret = generate_webhook_secret()
+    session.flush()
+    return row.webhook_secret

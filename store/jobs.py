@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from core.errors import UserError
 from core.job import STAGES
+from store import webhooks
 from store.tables import Job, JobEvent, utcnow
 
 # A job's states: queued, preparing (inputs downloading), then one state per stage of the job
@@ -145,6 +146,8 @@ def create_job(
     idempotency_key: str | None = None,
     request_hash: str | None = None,
     idempotency_ttl_seconds: int = 86400,
+    webhook_url: str | None = None,
+    webhook_events: Sequence[str] | None = None,
     now: datetime | None = None,
 ) -> tuple[Job, bool]:
     """Insert a queued job (plus its first event); returns (job, created).
@@ -169,6 +172,8 @@ def create_job(
         dataset_ids=list(dataset_ids),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        webhook_url=webhook_url,
+        webhook_events=list(webhook_events) if webhook_events else None,
         created_at=now,
         updated_at=now,
     )
@@ -221,7 +226,8 @@ def transition(
     The decision is made on the locked current row, so a job canceled meanwhile by the API cannot be
     moved on by a worker. With ``worker_id`` the caller must hold the lease (else LeaseLost). ``metrics``
     is stored on the job (when given) and on the event; ``report``, ``error_*`` and ``result_model_id``
-    are stored on the job when given.
+    are stored on the job when given. A webhook delivery is stored with the event when the job has a
+    ``webhook_url`` that wants it (store.webhooks: the outbox, sent by the worker after the commit).
     """
     now = at_or_now(now)
     job = require_job(session, job if isinstance(job, str) else job.id)
@@ -229,6 +235,7 @@ def transition(
     if not is_allowed(job.state, new_state):
         raise IllegalTransition(f"job {job.id}: cannot go from {job.state} to {new_state}")
 
+    old_state = job.state
     job.state = new_state
     job.updated_at = now
     if new_state in RUNNING_STATES:
@@ -255,7 +262,8 @@ def transition(
     if result_model_id is not None:
         job.result_model_id = result_model_id
     session.flush()
-    append_event(session, job, now=now, fraction=job.progress, metrics=metrics, message=message)
+    event = append_event(session, job, now=now, fraction=job.progress, metrics=metrics, message=message)
+    webhooks.record_event(session, job, old_state, event)
     return job
 
 

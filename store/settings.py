@@ -115,6 +115,25 @@ class Settings(BaseSettings):
         "decision is cached under data_dir/cache).",
     )
 
+    # --- webhooks (store.webhooks, worker/webhooks.py) ---------------------------------------------------
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Let webhooks go to loopback, private, link-local and other non-public addresses "
+        "(a local receiver in development or tests). Off: such URLs are refused at submit and at send time.",
+    )
+    webhook_max_attempts: int = Field(
+        default=5, ge=1, description="POSTs of one webhook event before it is given up (recorded as failed)."
+    )
+    webhook_retry_seconds: float = Field(
+        default=5.0, gt=0, description="Wait before the first retry of a failed webhook; doubles per attempt."
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long one webhook POST may take (connect + response)."
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often a worker's webhook sender looks for due deliveries."
+    )
+
     @model_validator(mode="after")
     def _fill_derived_paths(self) -> Settings:
         # Derived defaults depend on data_dir, which may itself come from the environment.

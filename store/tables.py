@@ -90,6 +90,9 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Signs this key's webhooks (store.webhooks). Kept in clear: the sender needs it to sign; shown to the
+    # user once when made (key creation, rotation).
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
 
 
 class Model(Base):
@@ -111,6 +114,9 @@ class Model(Base):
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
     config_key: Mapped[str | None] = mapped_column(String(1024))
     onnx_key: Mapped[str | None] = mapped_column(String(1024))
+    # Exported formats with their verification figures (core.quantize.FormatResult as JSON); files are
+    # stored beside the weights under models/{id}/.
+    formats: Mapped[list[Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column()  # soft delete: jobs may still refer to it
 
@@ -159,6 +165,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where the job's state changes are POSTed (store.webhooks), and which of them (None: all).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -208,3 +217,28 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "name"),)
+
+
+class WebhookDelivery(Base):
+    """One webhook POST to make (an outbox row, written in the transaction of the state change it tells).
+
+    A job's deliveries go out one at a time in ``id`` order: the next waits until this one is
+    ``delivered`` or ``failed`` (attempts exhausted). ``payload`` is the job as it was at the event.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))  # one of store.webhooks.WEBHOOK_EVENTS
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column()  # a sender is on it until then
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (Index(None, "job_id", "id"), Index(None, "status", "next_attempt_at"))

@@ -19,7 +19,16 @@ from tests.stores import postgres_unavailable_reason, throwaway_postgres_databas
 pytestmark = [pytest.mark.service]  # needs PostgreSQL/Redis/S3 or starts processes
 
 REPO = Path(__file__).resolve().parents[1]
-TABLES = {"alembic_version", "api_keys", "models", "datasets", "jobs", "job_events", "artifacts"}
+TABLES = {
+    "alembic_version",
+    "api_keys",
+    "models",
+    "datasets",
+    "jobs",
+    "job_events",
+    "artifacts",
+    "webhook_deliveries",
+}
 
 
 def alembic_cli(*args: str, env: dict[str, str] | None = None) -> str:
@@ -68,8 +77,8 @@ def check_upgrade_downgrade(url: str, env: dict[str, str] | None = None, x_url: 
 
 def test_one_linear_history():
     scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    assert scripts.get_heads() == ["0002"]
-    assert [rev.revision for rev in scripts.walk_revisions()] == ["0002", "0001"]
+    assert scripts.get_heads() == ["0004"]
+    assert [rev.revision for rev in scripts.walk_revisions()] == ["0004", "0003", "0002", "0001"]
 
 
 def test_upgrade_head_on_sqlite_from_settings(tmp_path):

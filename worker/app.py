@@ -25,7 +25,8 @@ from store.settings import Settings
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """A Celery app bound to ``settings`` (read from the environment when None)."""
     settings = settings or Settings()
-    app = Celery("srcompress", broker=settings.broker_url, include=["worker.tasks"])
+    # worker.webhooks: its sender thread starts with the worker, beside the reaper.
+    app = Celery("srcompress", broker=settings.broker_url, include=["worker.tasks", "worker.webhooks"])
     app.conf.update(
         task_default_queue=TASK_QUEUE,
         task_acks_late=True,

@@ -41,6 +41,12 @@ class BaseConfig(BaseModel):
     fp16_safe: ClassVar[bool] = True  # activations stay inside fp16's range
     windowed_attention: ClassVar[bool] = False  # window attention: the fused `sdpa` path applies
     onnx_dynamic_shapes: ClassVar[bool] = True  # one exported graph serves every input size
+    # Deployable formats (core.formats) this family converts to and passes its checks in; a job asking
+    # for another is refused at submit time with `formats_note`.
+    export_formats: ClassVar[frozenset[str]] = frozenset(
+        ("onnx", "onnx_fp16", "onnx_int8", "openvino", "openvino_int8", "ncnn", "ncnn_fp16")
+    )
+    formats_note: ClassVar[str] = ""
 
     @property
     def pad_multiple(self) -> int:
@@ -89,6 +95,11 @@ class SwinIRConfig(BaseConfig):
     fp16_safe: ClassVar[bool] = False
     windowed_attention: ClassVar[bool] = True
     onnx_dynamic_shapes: ClassVar[bool] = False
+    export_formats: ClassVar[frozenset[str]] = frozenset(("onnx",))
+    formats_note: ClassVar[str] = (
+        "SwinIR graphs are traced for one input size (the shifted-window mask and padding become "
+        "constants), so only the per-size fp32 ONNX export is offered"
+    )
     scale: Scale
     embed_dim: PositiveInt = 60
     depths: tuple[PositiveInt, ...] = (6, 6, 6, 6)
