@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.job import JobParams
+from core.results import FormatResult
 from store.models import model_files
 from store.tables import Dataset, Job, JobEvent, Model
 from store.webhooks import WEBHOOK_EVENTS
@@ -60,6 +61,11 @@ class ModelOut(BaseModel):
     metrics: dict[str, Any] | None
     weights_sha256: str | None
     files: list[str]
+    formats: list[FormatResult] = Field(
+        default_factory=list,
+        description="deployable formats with their verification figures; those with ok=false are "
+        "not offered (reason says why)",
+    )
     created_at: datetime
 
     @classmethod
@@ -77,6 +83,7 @@ class ModelOut(BaseModel):
             metrics=row.metrics,
             weights_sha256=row.weights_sha256,
             files=files,
+            formats=row.formats or [],
             created_at=row.created_at,
         )
 

@@ -10,7 +10,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +21,13 @@ from api.crud import materialize_model
 from api.errors import ApiError
 from core.data.images import is_16bit, normalise_format
 from core.errors import UserError
+from core.formats import FORMATS
 from core.infer.runners import Runner
 from core.infer.tuning import cached_backend, choose_backend, prepare_backend
 from core.infer.upscale import upscale_file
 from core.models.checkpoint import load_checkpoint
+from core.quantize.runtimes import format_runner
+from store.models import model_files
 from store.tables import Model
 
 if TYPE_CHECKING:
@@ -32,7 +35,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("srcompress.api")
 
-REDUCED_PRECISION = ("bf16", "fp16")  # paths admitted within 0.05 dB on 8-bit output only
+REDUCED_PRECISION = ("bf16", "fp16")  # PyTorch paths admitted within 0.05 dB on 8-bit output only
+
+
+def backend_precision(backend: str) -> str:
+    """The arithmetic precision of a serving path: a PyTorch backend or an exported format."""
+    if backend in FORMATS:
+        return FORMATS[backend].precision
+    return backend if backend in REDUCED_PRECISION else "fp32"
 
 
 class UpscalePool:
@@ -74,6 +84,19 @@ class ServedModel:
     model: nn.Module
     runner: Runner
     backend: str
+    # Runners of the model's offered formats, by name; `automatic` names those whose recorded quality
+    # cost is within the threshold (candidates of the tuner), the others serve only when asked for.
+    formats: dict[str, Runner] = field(default_factory=dict)
+    automatic: tuple[str, ...] = ()
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def candidates(self) -> dict[str, Runner]:
+        return {name: self.formats[name] for name in self.automatic}
+
+    def fastest(self, precision: str) -> str | None:
+        """The offered format of `precision` with the lowest recorded latency, if the model has one."""
+        names = [name for name in self.formats if FORMATS[name].precision == precision]
+        return min(names, key=lambda name: self.latency_ms.get(name, float("inf")), default=None)
 
 
 class ModelCache:
@@ -129,9 +152,10 @@ class BackendTuner:
 
     def _tune(self, key: CacheKey, served: ServedModel) -> None:
         try:
-            name = choose_backend(served.model, self.cache_dir)
+            candidates = served.candidates()
+            name = choose_backend(served.model, self.cache_dir, formats=candidates)
             if name != served.backend:
-                served.runner = prepare_backend(served.model, name, self.cache_dir)
+                served.runner = prepare_backend(served.model, name, self.cache_dir, candidates)
                 served.backend = name
             log.info("model %s is served with %s", key[0], name)
         except Exception:  # the model keeps being served eagerly
@@ -144,22 +168,47 @@ class BackendTuner:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def serve_model(services: Services, key: CacheKey, model: nn.Module) -> ServedModel:
-    """Wrap a freshly loaded model with its runner per the ``upscale_backend`` setting."""
+def serve_model(services: Services, key: CacheKey, served: ServedModel) -> ServedModel:
+    """Give a freshly loaded model (served eagerly) its runner per the ``upscale_backend`` setting."""
     tuner = services.backend_tuner
     wanted = services.settings.upscale_backend
+    candidates = served.candidates()
     if wanted == "auto":
-        known = cached_backend(model, tuner.cache_dir)
+        known = cached_backend(served.model, tuner.cache_dir, candidates)
         if known is None:
-            served = ServedModel(model, prepare_backend(model, "eager"), "eager")
             tuner.submit(key, served)
             return served
         wanted = known
     try:
-        return ServedModel(model, prepare_backend(model, wanted, tuner.cache_dir), wanted)
+        served.runner = prepare_backend(served.model, wanted, tuner.cache_dir, candidates)
+        served.backend = wanted
     except UserError as error:  # e.g. fp16 configured but no GPU, or a SwinIR model
         log.warning("model %s cannot use %s (%s); serving it eagerly", key[0], wanted, error)
-        return ServedModel(model, prepare_backend(model, "eager"), "eager")
+    return served
+
+
+def format_runners(
+    services: Services, row: Model, directory: Path, threshold_db: float
+) -> tuple[dict[str, Runner], tuple[str, ...], dict[str, float]]:
+    """Runners of a model's offered formats (fp32 ONNX aside: the tuner exports its own), the names
+    admitted automatically (quality cost within `threshold_db`), and their recorded latencies."""
+    runners, automatic, latency = {}, [], {}
+    for entry in row.formats or []:
+        name = entry.get("name")
+        if not entry.get("ok") or name not in FORMATS or name == "onnx":
+            continue
+        try:
+            for file in entry["files"]:
+                services.blobs.download_to(model_files(row)[file], directory / file)
+            runners[name] = format_runner(name, directory)
+        except Exception:  # a format that cannot load here is not served; the others still are
+            log.exception("model %s: format %s cannot be loaded", row.id, name)
+            continue
+        latency[name] = entry.get("latency_ms") or float("inf")
+        cost = entry.get("quality_cost_db")
+        if cost is not None and cost <= threshold_db:
+            automatic.append(name)
+    return runners, tuple(automatic), latency
 
 
 def load_cached_model(services: Services, row: Model, preset: str | None) -> ServedModel:
@@ -174,7 +223,15 @@ def load_cached_model(services: Services, row: Model, preset: str | None) -> Ser
             model, _info = load_checkpoint(directory)
         else:
             model, _info = load_checkpoint(directory / "model.safetensors", preset=preset)
-    served = serve_model(services, key, model.eval())
+        # The runtimes read their files into memory: the temporary copies can go with the folder.
+        runners, automatic, latency = (
+            format_runners(services, row, directory, services.settings.upscale_max_quality_cost_db)
+            if preset is None
+            else ({}, (), {})
+        )
+    model = model.eval()
+    served = ServedModel(model, prepare_backend(model, "eager"), "eager", runners, automatic, latency)
+    served = serve_model(services, key, served)
     cache.put(key, served)
     return served
 
@@ -211,18 +268,37 @@ def header_format(data: bytes) -> str | None:
 
 
 def upscale_image(
-    services: Services, row: Model, preset: str | None, data: bytes, fmt: str, tile: int | None
-) -> tuple[bytes, str, str]:
-    """Encoded output, its format and the backend that made it. A 16-bit image is served on the exact
-    fp32 path when the model's tuned path is reduced precision (parity is measured on 8-bit output)."""
+    services: Services,
+    row: Model,
+    preset: str | None,
+    data: bytes,
+    fmt: str,
+    tile: int | None,
+    precision: str = "auto",
+) -> tuple[bytes, str, str, str]:
+    """Encoded output, its format, the path that made it and that path's precision.
+
+    precision: auto (the tuned path), fp32 (the exact eager path) or int8 (the model's fastest int8
+    format, whatever its quality cost). On auto, a 16-bit image is served on the exact fp32 path when
+    the tuned path is reduced precision (parity is measured on 8-bit output)."""
     settings = services.settings
     served = load_cached_model(services, row, preset)
     runner, backend = served.runner, served.backend  # one consistent pair, even if the tuner swaps them
-    if backend in REDUCED_PRECISION and is_16bit(data):
+    if precision == "int8":
+        name = served.fastest("int8")
+        if name is None:
+            raise ApiError(
+                422,
+                "no_int8_format",
+                f"model {row.id} has no int8 format; build one with a job's formats "
+                "(onnx_int8, openvino_int8) or `srcompress quantize`",
+            )
+        runner, backend = served.formats[name], name
+    elif precision == "fp32" or (backend_precision(backend) != "fp32" and is_16bit(data)):
         runner, backend = prepare_backend(served.model, "eager"), "eager"
     # The output format is decided here (from the header) so that the content type matches it.
     output_format = normalise_format(fmt, header_format(data))
     encoded: Any = upscale_file(
         served.model, data, None, tile=tile, backend=runner, fmt=output_format, max_pixels=settings.max_pixels
     )
-    return bytes(encoded), output_format, backend
+    return bytes(encoded), output_format, backend, backend_precision(backend)

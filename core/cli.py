@@ -1,4 +1,5 @@
-"""The ML commands of the `srcompress` command line: models, info, eval, upscale, compress, train.
+"""The ML commands of the `srcompress` command line: models, info, eval, upscale, compress, train,
+quantize.
 
 `register(subparsers)` adds them to the top-level parser (srcompress.cli, which also adds the service's
 commands). Every sub-command is a thin shell over a core function. A `UserError` (bad preset, missing file, a
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, validated
+from core.quantize.command import add_quantize_parser, print_formats
 
 SCALES = (2, 3, 4)
 
@@ -26,6 +28,16 @@ def _lr_size(text: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return width, height
+
+
+def _formats(text: str) -> list[str]:
+    from core.formats import FORMATS
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown format {unknown}; choose from {', '.join(FORMATS)}")
+    return names
 
 
 def _existing_path(text: str) -> Path:
@@ -212,8 +224,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "checkpoint_every": args.checkpoint_every,
         "seed": args.seed,
         "device": args.device,
+        "formats": args.formats,
+        "calibration": args.calibration,
     }
-    config = _validated(JobConfig, **{k: v for k, v in fields.items() if v is not None})
+    config = validated(JobConfig, **{k: v for k, v in fields.items() if v is not None})
     if args.out.exists() and any(args.out.iterdir()) and not args.resume:
         raise UserError(f"{args.out} is not empty; pass --resume to continue the run in it")
     on_progress, bars = _pipeline_progress()
@@ -234,13 +248,15 @@ def cmd_compress(args: argparse.Namespace) -> None:
         )
     if report.pruning_ineffective:
         print("  note: pruning_ineffective — " + report.compress.note)
+    if report.quantize is not None:
+        print_formats(report.quantize)
     print(f"artifacts in {args.out / 'out'}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from core.train import TrainConfig, run_training
 
-    config = _validated(
+    config = validated(
         TrainConfig,
         model=args.model,
         scale=args.scale,
@@ -263,18 +279,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"best {result.best_psnr:.3f} dB at iteration {result.best_iteration}"
     )
     print(f"model in {args.out / 'model'}")
-
-
-def _validated(config_class, **fields):
-    """A stage's pydantic config from the command line; a bad value is one line naming the field."""
-    from pydantic import ValidationError
-
-    from core.errors import describe_validation_error
-
-    try:
-        return config_class(**fields)
-    except ValidationError as error:
-        raise UserError(describe_validation_error(error.errors())) from None
 
 
 # --- parser -------------------------------------------------------------------------------------------
@@ -361,8 +365,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--formats", type=_formats, help="comma-separated formats to build (default onnx)")
+    p.add_argument("--calibration", choices=["minmax", "entropy", "percentile"], help="int8 ranges")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    add_quantize_parser(add, _existing_path, _formats, _lr_size)
 
     p = add("train", cmd_train, "supervised training (L1) of any preset from scratch")
     p.add_argument("model")

@@ -46,3 +46,13 @@ def describe_validation_error(
         parts.append(f"{where}: {item.get('msg', '')}")
     more = f" (+{len(items) - limit} more)" if limit is not None and len(items) > limit else ""
     return "; ".join(parts) + more
+
+
+def validated(config_class: Any, **fields: Any) -> Any:
+    """`config_class(**fields)` (pydantic); a bad value is a UserError of one line naming the field."""
+    from pydantic import ValidationError
+
+    try:
+        return config_class(**fields)
+    except ValidationError as error:
+        raise UserError(describe_validation_error(error.errors())) from None

@@ -12,13 +12,14 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import UserError, describe_validation_error
+from core.formats import DEFAULT_FORMATS, CalibrationMethod, FormatName
 from core.models.presets import PRESETS, preset_config
 from core.recipe import DistillLoss, Precision, Recipe, RecipeName, StudentInit, resolve_recipe
-from core.results import CompressResult, DistillResult, ExportResult, PruneResult
+from core.results import CompressResult, DistillResult, ExportResult, PruneResult, QuantizeResult
 from core.schedule import BudgetPlan, LrSchedule
 
 # The stages of a job, in order; each is also the name of the job's state while it runs.
-STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting")
+STAGES = ("pruning", "compressing", "distilling", "evaluating", "exporting", "quantizing")
 MAX_BUDGET_MINUTES = 7 * 24 * 60
 
 
@@ -77,6 +78,13 @@ class JobParams(BaseModel):
     teacher_cache: bool = True
     validate_every: int | None = Field(None, ge=0, description="default: the recipe's count per run")
     checkpoint_every: int = Field(100, ge=1)
+    formats: list[FormatName] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS),
+        max_length=16,
+        description="deployable formats to build and verify after export (core.formats)",
+    )
+    calibration: CalibrationMethod = Field("percentile", description="int8 activation ranges")
+    calibration_patches: int = Field(128, ge=1, le=4096, description="LR patches of the training data")
     seed: int = Field(0, ge=0, lt=2**32)
     device: str = "auto"
 
@@ -119,6 +127,15 @@ class JobParams(BaseModel):
                     f"student_init=inherit needs a student of the teacher's family "
                     f"({PRESETS[self.model]['family']}), not {PRESETS[self.student_preset]['family']}"
                 )
+        student_family = preset_config(self.student_preset or self.model, self.scale)
+        refused = [name for name in self.formats if name not in type(student_family).export_formats]
+        if refused:
+            raise ValueError(
+                f"{student_family.family} cannot be exported as {', '.join(refused)}: "
+                f"{type(student_family).formats_note}"
+            )
+        if len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats lists a format twice: {self.formats}")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d{1,2})?", self.device):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
         return self
@@ -191,6 +208,7 @@ class CompressionReport(BaseModel):
     compress: CompressResult
     distill: DistillResult
     export: ExportResult
+    quantize: QuantizeResult | None = Field(None, description="every format asked for, verified")
     pruning_ineffective: bool
     latency_setup: str
     stage_seconds: dict[str, float]

@@ -1,4 +1,5 @@
-"""The whole compression job: prune → compress → distill → evaluate → export, resumable from `workdir`.
+"""The whole compression job: prune → compress → distill → evaluate → export → quantize, resumable from
+`workdir`.
 
 `run_pipeline` runs a `JobConfig` (the contract, core.job), returns a `CompressionReport` and leaves
 every artifact in `workdir/out/`. Each finished stage writes its typed result into `workdir/state.json`, and
@@ -20,7 +21,14 @@ import torch
 from torch import nn
 
 from core.compress.stage import CompressConfig, run_compress
-from core.data.datasets import TrainImages, find_pairs, holdout_split, list_images, load_images
+from core.data.datasets import (
+    TrainImages,
+    find_pairs,
+    holdout_split,
+    list_images,
+    load_eval_set,
+    load_images,
+)
 from core.distill.inherit import inherit_weights
 from core.distill.stage import (
     DistillConfig,
@@ -55,11 +63,12 @@ from core.models.checkpoint import load_checkpoint, load_model, save_model
 from core.models.config import parse_config
 from core.models.presets import preset_config
 from core.prune.stage import PruneConfig, measure_prune_step, run_prune
+from core.quantize.stage import QuantizeConfig, run_quantize
 from core.recipe import (
     loss_needs_teacher,
 )
 from core.report import crop_comparison_png, learning_curve_png, psnr_params_png, write_card
-from core.results import CompressResult, DistillResult, ExportResult, PruneResult
+from core.results import CompressResult, DistillResult, ExportResult, PruneResult, QuantizeResult
 from core.schedule import plan_pruning, validate_every_for
 from core.state import RunState
 
@@ -331,6 +340,28 @@ def run_pipeline(
             state.put("exporting", export, time.perf_counter() - began)
         export = ExportResult(**state.get("exporting"))
 
+        # 6 quantize: every format the job asks for, verified on its first validation set
+        if not state.done("quantizing"):
+            began = time.perf_counter()
+            on_progress("quantizing", 0.0, {})
+            quantize = run_quantize(
+                student.cpu(),
+                out,
+                QuantizeConfig(
+                    formats=config.formats,
+                    calibration=config.calibration,
+                    calibration_patches=config.calibration_patches,
+                    seed=config.seed,
+                ),
+                verify_images=list(load_eval_set(config.val_data[0], config.scale)),
+                verify_name=Path(config.val_data[0]).name,
+                calibration=train,
+                calibration_source=[Path(folder).name for folder in config.train_data],
+                on_format=lambda i, n, name: on_progress("quantizing", i / n, {"format": name}),
+            )
+            state.put("quantizing", quantize, time.perf_counter() - began)
+        quantize = QuantizeResult(**state.get("quantizing"))
+
         gaps = [
             _gap_row(row["bicubic"], row["teacher"], row["student"], selection=True)
             for row in scores["holdout"]
@@ -364,6 +395,7 @@ def run_pipeline(
             compress=compress,
             distill=distill,
             export=export,
+            quantize=quantize,
             pruning_ineffective=compress.pruning_ineffective,
             latency_setup=scores["latency_ms"]["setup"],
             stage_seconds=state.data["seconds"],
@@ -376,7 +408,7 @@ def run_pipeline(
         write_card(report, out / "MODEL_CARD.md")
         report.artifacts = sorted(p.name for p in out.iterdir()) + ["report.json"]
         (out / "report.json").write_text(report.model_dump_json(indent=2, by_alias=True))
-        on_progress("exporting", 1.0, {"student_psnr": report.student.scores[0].psnr})
+        on_progress("quantizing", 1.0, {"student_psnr": report.student.scores[0].psnr})
         log.info("done: %s", report.artifacts)
         return report
     finally:

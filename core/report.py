@@ -203,5 +203,39 @@ The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from
 difference to PyTorch {report.export.onnx_max_abs_diff:.2e};
 dynamic shapes: {report.export.onnx_dynamic_shapes}),
 `report.json`, `psnr_vs_params.png`, `learning_curve.png`, `crops.png`, `pipeline.log`.
-"""
+{formats_section(report)}"""
     path.write_text(text)
+
+
+def _figure(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def formats_section(report: CompressionReport) -> str:
+    """The model card's table of deployable formats (empty when the job asked for none)."""
+    q = report.quantize
+    if q is None or not q.formats:
+        return ""
+    rows = "\n".join(
+        f"| {f.name} | {f.precision} | {f.runtime} | {', '.join(f'`{name}`' for name in f.files)} "
+        f"| {f.bytes:,} | {_figure(f.parity_db, 2)} | {_figure(f.quality_cost_db, 3)} | {_figure(f.psnr, 3)} "
+        f"| {_figure(f.ssim, 4)} | {_figure(f.latency_ms, 1)} | {'yes' if f.ok else 'no: ' + f.reason} |"
+        for f in q.formats
+    )
+    calibration = (
+        f"int8 calibration: {q.calibration.method} on {q.calibration.patches} LR patches of "
+        f"{q.calibration.patch_size}² from {', '.join(q.calibration.source)} (seed {q.calibration.seed}).\n"
+        if q.calibration
+        else ""
+    )
+    return f"""
+## Deployable formats
+
+Verified on {q.verification_set} against the fp32 PyTorch model (PSNR-Y {q.fp32_psnr:.3f} dB):
+`parity_db` is the PSNR of the format's output against fp32's, `quality_cost_db` what it loses in
+PSNR-Y against HR; latency {q.latency_setup}.
+{calibration}
+| format | precision | runtime | files | bytes | parity dB | cost dB | PSNR-Y | SSIM-Y | ms | offered |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+"""

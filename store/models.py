@@ -32,14 +32,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def format_files(formats: list[dict[str, Any]] | None) -> list[str]:
+    """The files of the formats that are offered (verified and within their floor)."""
+    return [name for entry in formats or [] if entry.get("ok") for name in entry.get("files", [])]
+
+
 def model_files(row: Model) -> dict[str, str | None]:
-    """File name → blob key (None where the model has no such file)."""
-    return {name: getattr(row, column) for name, column in MODEL_FILES.items()}
+    """File name → blob key (None where the model has no such file): weights, config, fp32 ONNX, then
+    the files of every offered format (core.formats), stored beside them under models/{id}/."""
+    files = {name: getattr(row, column) for name, column in MODEL_FILES.items()}
+    for name in format_files(row.formats):
+        files.setdefault(name, model_key(row.id, name))
+    return files
 
 
-def put_model_files(blobs: BlobStore, model_id: str, model_dir: Path) -> dict[str, str]:
+def put_model_files(
+    blobs: BlobStore, model_id: str, model_dir: Path, formats: list[dict[str, Any]] | None = None
+) -> dict[str, str]:
     """Upload the files of a saved model directory; returns {column: blob key}. The weights and the
-    config are required; the ONNX graph is stored when present."""
+    config are required; the ONNX graph is stored when present, and the files of offered `formats`."""
     for required in (WEIGHTS_FILE, CONFIG_FILE):
         if not (model_dir / required).is_file():
             raise FileNotFoundError(f"{model_dir} has no {required}")
@@ -48,6 +59,9 @@ def put_model_files(blobs: BlobStore, model_id: str, model_dir: Path) -> dict[st
         if (model_dir / name).is_file():
             keys[column] = model_key(model_id, name)
             blobs.put_file(keys[column], model_dir / name, CONTENT_TYPES.get(name, BINARY))
+    for name in format_files(formats):
+        if name not in MODEL_FILES:
+            blobs.put_file(model_key(model_id, name), model_dir / name, CONTENT_TYPES.get(name, BINARY))
     return keys
 
 

@@ -112,7 +112,15 @@ class Settings(BaseSettings):
         default="auto",
         description="/upscale inference path. auto: a model is served eagerly until the fastest path within "
         "0.05 dB of fp32 has been measured for it (once per model and machine, in the background; the "
-        "decision is cached under data_dir/cache).",
+        "decision is cached under data_dir/cache). A model's exported formats (int8, fp16, OpenVINO, "
+        "NCNN) are candidates too when their recorded quality cost is within "
+        "upscale_max_quality_cost_db.",
+    )
+    upscale_max_quality_cost_db: float = Field(
+        default=0.05,
+        ge=0,
+        description="An exported format serves /upscale automatically only if it loses at most this much "
+        "PSNR-Y against fp32 (its recorded quality_cost_db); precision=int8 opts in whatever the cost.",
     )
 
     # --- webhooks (store.webhooks, worker/webhooks.py) ---------------------------------------------------

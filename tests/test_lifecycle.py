@@ -195,6 +195,9 @@ def run_lifecycle(url: str, key: str, topology: str) -> None:
             "validate_every": 0,
             "checkpoint_every": 2,
             "device": "cpu",
+            "formats": ["onnx", "onnx_int8"],
+            "calibration": "minmax",
+            "calibration_patches": 8,
         }
         submitted = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"lifecycle-{topology}"})
         assert submitted.status_code == 202, submitted.text
@@ -238,6 +241,23 @@ def run_lifecycle(url: str, key: str, topology: str) -> None:
         )
         assert upscaled.status_code == 200, upscaled.text
         assert Image.open(io.BytesIO(upscaled.content)).size == (72, 56)
+
+        # The formats the job asked for: listed with their figures, downloadable, served on request.
+        formats = {f["name"]: f for f in result["formats"]}
+        print(f"{topology}: formats {formats}")
+        assert set(formats) == {"onnx", "onnx_int8"} and all(f["ok"] for f in formats.values())
+        assert formats["onnx"]["parity_db"] >= 80 and formats["onnx_int8"]["parity_db"] > 30
+        assert all(f["latency_ms"] > 0 and f["bytes"] > 0 for f in formats.values())
+        assert fetch(links["model_int8.onnx"]).content[:2] and "model_int8.onnx" in result["files"]
+        int8 = client.post(
+            "/v1/upscale",
+            files={"file": ("in.png", png_bytes(36, 28))},
+            data={"model_id": result["id"], "precision": "int8"},
+        )
+        assert int8.status_code == 200, int8.text
+        assert int8.headers["X-Srcompress-Precision"] == "int8"
+        assert int8.headers["X-Srcompress-Backend"] == "onnx_int8"
+        assert Image.open(io.BytesIO(int8.content)).size == (72, 56)
 
         # The idempotent retry of the finished submission still answers the same job.
         again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"lifecycle-{topology}"})

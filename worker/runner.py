@@ -340,7 +340,8 @@ class JobRunner:
                     size=path.stat().st_size,
                 )
             )
-        keys = put_model_files(self.blobs, model_id, out)
+        formats = [f.model_dump(mode="json") for f in report.quantize.formats] if report.quantize else []
+        keys = put_model_files(self.blobs, model_id, out, formats)
         student = report.student
         config = jsonable(student.config)
         first_score = student.scores[0] if student.scores else None
@@ -374,6 +375,7 @@ class JobRunner:
                 params=student.params,
                 macs=student.macs,
                 metrics=jsonable(model_metrics),
+                formats=jsonable(formats),
             )
             session.add_all(artifacts)
             session.flush()  # the model row must exist before the job refers to it

@@ -52,6 +52,12 @@ async def upscale(
     preset: str | None = Form(None, description="load the model's weights into this preset's architecture"),
     format: str = Form("png", pattern="^(auto|png|jpg|jpeg|webp)$", description="output format"),
     tile: int | None = Form(None, ge=32, le=2048, description="LR tile size (default: sized from memory)"),
+    precision: str = Form(
+        "auto",
+        pattern="^(auto|fp32|int8)$",
+        description="auto: the fastest path within the quality threshold; fp32: exact; int8: the model's "
+        "fastest int8 format whatever its cost",
+    ),
 ) -> Response:
     settings = services.settings
     if preset is not None and preset not in PRESETS:
@@ -77,16 +83,17 @@ async def upscale(
         )
     try:
         result = await asyncio.get_running_loop().run_in_executor(
-            pool.executor, upscale_image, services, row, preset, data, format, tile
+            pool.executor, upscale_image, services, row, preset, data, format, tile, precision
         )
     finally:
         pool.done()
-    encoded, output_format, backend = result
+    encoded, output_format, backend, backend_precision = result
     return Response(
         encoded,
         media_type=MEDIA_TYPES[output_format],
         headers={
             "Content-Disposition": f'inline; filename="upscaled.{output_format}"',
             "X-Srcompress-Backend": backend,
+            "X-Srcompress-Precision": backend_precision,
         },
     )

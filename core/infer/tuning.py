@@ -42,13 +42,20 @@ DECISION_VERSION = 5  # bump when the decision procedure changes, so stale cache
 
 
 def prepare_backend(
-    model: nn.Module, backend: str | None = "eager", cache_dir: str | Path | None = None
+    model: nn.Module,
+    backend: str | None = "eager",
+    cache_dir: str | Path | None = None,
+    formats: dict[str, Runner] | None = None,
 ) -> Runner:
     """A reusable runner for `backend` ('auto' runs `choose_backend`). Reuse it across images to keep
-    ONNX Runtime sessions and channels-last copies warm."""
+    ONNX Runtime sessions and channels-last copies warm. `formats`: runners of the model's exported
+    formats (core.quantize.runtimes, by format name), which are backends too."""
     name = backend or "eager"
+    formats = formats or {}
     if name == "auto":
-        name = choose_backend(model, cache_dir)
+        name = choose_backend(model, cache_dir, formats=formats)
+    if name in formats:
+        return formats[name]
     if name == "onnxruntime":
         return OnnxRuntimeRunner(model, cache_dir)
     if name in BACKENDS:
@@ -188,14 +195,17 @@ def measure_backends(
     eval_dir: str | Path | None = None,
     candidates: Iterable[str] | None = None,
     timing_lr_size: tuple[int, int] | None = None,
+    formats: dict[str, Runner] | None = None,
 ) -> BackendDecision:
     """Time eager and each candidate; evaluate the faster ones; pick the fastest within 0.05 dB of fp32.
 
     eval_dir: an evaluation set (benchmark layout or a folder of HR images) the caller names; default
-    the bundled sample set (core never goes looking for data of its own).
+    the bundled sample set (core never goes looking for data of its own). formats: runners of exported
+    formats (int8, fp16, OpenVINO...), candidates like the PyTorch paths and held to the same 0.05 dB.
     """
+    formats = formats or {}
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    names = list(candidate_backends(model) if candidates is None else candidates)
+    names = list(candidate_backends(model) if candidates is None else candidates) + list(formats)
     if not model_config(model).fp16_safe and "fp16" in names:
         names.remove("fp16")  # never fp16 for SwinIR, even when asked
     if eval_dir is None:
@@ -211,7 +221,7 @@ def measure_backends(
     unavailable: dict[str, str] = {}
     for name in names:
         try:
-            runners[name] = prepare_backend(model, name, cache_dir)
+            runners[name] = prepare_backend(model, name, cache_dir, formats)
         except UserError as error:
             unavailable[name] = str(error)
     seconds = time_runners(runners, lr)
@@ -233,7 +243,7 @@ def measure_backends(
         psnr_fp32 = mean_psnr(model, eager, images)
         trials[0].psnr = psnr_fp32
         for trial in faster:
-            trial.psnr = mean_psnr(model, prepare_backend(model, trial.backend, cache_dir), images)
+            trial.psnr = mean_psnr(model, runners[trial.backend], images)
             drift = abs(trial.psnr - psnr_fp32)
             trial.accepted = drift <= PSNR_TOLERANCE_DB
             trial.reason = f"{trial.speedup:.2f}x faster, |dPSNR| {drift:.4f} dB" + (
@@ -244,7 +254,7 @@ def measure_backends(
     machine = machine_signature()
     return BackendDecision(
         backend=best.backend,
-        key=decision_key(fingerprint, machine),
+        key=decision_key(fingerprint, machine, formats),
         model_fingerprint=fingerprint,
         family=model_family(model),
         eval_set=str(eval_dir),
@@ -255,22 +265,27 @@ def measure_backends(
     )
 
 
-def decision_key(fingerprint: str, machine: dict[str, str]) -> str:
-    """Cache key: model fingerprint + a hash of the machine signature and the decision version."""
+def decision_key(fingerprint: str, machine: dict[str, str], formats: Iterable[str] = ()) -> str:
+    """Cache key: model fingerprint + a hash of the machine signature, the decision version and the
+    exported formats that were candidates."""
     machine_hash = hashlib.sha256(
-        json.dumps([machine, DECISION_VERSION], sort_keys=True).encode()
+        json.dumps([machine, DECISION_VERSION, sorted(formats)], sort_keys=True).encode()
     ).hexdigest()
     return f"{fingerprint}-{machine_hash[:8]}"
 
 
-def decision_path(model: nn.Module, cache_dir: str | Path | None = None) -> Path:
+def decision_path(model: nn.Module, cache_dir: str | Path | None = None, formats: Iterable[str] = ()) -> Path:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache_dir / "backend" / f"{decision_key(model_fingerprint(model), machine_signature())}.json"
+    key = decision_key(model_fingerprint(model), machine_signature(), formats)
+    return cache_dir / "backend" / f"{key}.json"
 
 
-def cached_backend(model: nn.Module, cache_dir: str | Path | None = None) -> str | None:
+def cached_backend(
+    model: nn.Module, cache_dir: str | Path | None = None, formats: Iterable[str] = ()
+) -> str | None:
     """The backend `choose_backend` already decided for this model on this machine, or None (cheap)."""
-    path = decision_path(model, cache_dir)
+    formats = list(formats)
+    path = decision_path(model, cache_dir, formats)
     if not path.is_file():
         return None
     try:
@@ -278,22 +293,28 @@ def cached_backend(model: nn.Module, cache_dir: str | Path | None = None) -> str
     except (OSError, ValueError):
         log.warning("ignoring unreadable backend decision %s", path)
         return None
-    if cached.get("version") == DECISION_VERSION and cached.get("backend") in BACKENDS:
+    if cached.get("version") == DECISION_VERSION and cached.get("backend") in (*BACKENDS, *formats):
         return str(cached["backend"])
     return None
 
 
-def choose_backend(model: nn.Module, cache_dir: str | Path | None = None, **measure_options) -> str:
+def choose_backend(
+    model: nn.Module,
+    cache_dir: str | Path | None = None,
+    formats: dict[str, Runner] | None = None,
+    **measure_options,
+) -> str:
     """The fastest backend whose Y-PSNR stays within 0.05 dB of fp32 for this model on this machine.
 
     Measured once per (model config + weights, machine) and cached as JSON under cache_dir/backend/;
     later calls read the file. `measure_options` go to `measure_backends` (eval_dir, candidates, ...).
     """
-    cached = cached_backend(model, cache_dir)
+    formats = formats or {}
+    cached = cached_backend(model, cache_dir, formats)
     if cached is not None:
         return cached
-    decision = measure_backends(model, cache_dir, **measure_options)
-    path = decision_path(model, cache_dir)
+    decision = measure_backends(model, cache_dir, formats=formats, **measure_options)
+    path = decision_path(model, cache_dir, formats)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.write_text(decision.to_json())

@@ -1,0 +1,91 @@
+"""A runner per deployable format: LR batch (N, 3, H, W) float32 in [0, 1] → SR batch, on the CPU.
+
+Runners load their files once and keep the runtime's session; they satisfy core.infer.runners.Runner,
+so tiling, evaluation and serving use them like any PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.formats import FORMATS
+from core.onnx_export import INPUT_NAME, cpu_cores, ort_session
+
+
+class OnnxFileRunner:
+    """An ONNX file (fp32, fp16 or int8 QDQ) through ONNX Runtime's CPU provider."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.session = ort_session(path)
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(lr.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {INPUT_NAME: x})[0])
+
+
+class OpenVinoRunner:
+    """An OpenVINO IR compiled for the CPU with a latency hint (one request, every core)."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        import openvino as ov
+
+        self.name = name
+        core = ov.Core()
+        self.compiled = core.compile_model(
+            str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_cores()}
+        )
+        self._lock = threading.Lock()  # one infer request, shared by the threads that serve
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(lr.detach().cpu().numpy(), dtype=np.float32)
+        with self._lock:
+            out = self.compiled(x)[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32))
+
+
+class NcnnRunner:
+    """An NCNN .param/.bin through the ncnn Python runtime; fp16 storage and arithmetic for fp16 files."""
+
+    def __init__(self, name: str, param: Path, weights: Path, fp16: bool) -> None:
+        import ncnn
+
+        self.name = name
+        self.net = ncnn.Net()
+        self.net.opt.num_threads = cpu_cores()
+        self.net.opt.use_fp16_storage = fp16
+        self.net.opt.use_fp16_packed = fp16
+        self.net.opt.use_fp16_arithmetic = fp16
+        if self.net.load_param(str(param)) or self.net.load_model(str(weights)):
+            raise RuntimeError(f"ncnn could not load {param.name}")
+        self.input, self.output = self.net.input_names()[0], self.net.output_names()[0]
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        import ncnn
+
+        outputs = []
+        for image in lr.detach().cpu().numpy().astype(np.float32):
+            # clone(): the graph may work in place on its input, which must not be numpy's memory.
+            mat = ncnn.Mat(np.ascontiguousarray(image)).clone()
+            extractor = self.net.create_extractor()
+            extractor.input(self.input, mat)
+            status, out = extractor.extract(self.output)
+            if status != 0:
+                raise RuntimeError(f"ncnn inference failed ({status})")
+            outputs.append(np.array(out, dtype=np.float32))
+        return torch.from_numpy(np.stack(outputs))
+
+
+def format_runner(name: str, directory: Path):
+    """The runner of format `name` from its files in `directory`."""
+    spec = FORMATS[name]
+    files = [Path(directory, file) for file in spec.files]
+    if spec.runtime == "onnxruntime":
+        return OnnxFileRunner(name, files[0])
+    if spec.runtime == "openvino":
+        return OpenVinoRunner(name, files[0])
+    return NcnnRunner(name, files[0], files[1], fp16=spec.precision == "fp16")
