@@ -26,7 +26,7 @@ from core.infer.runners import Runner
 from core.infer.tuning import cached_backend, choose_backend, prepare_backend
 from core.infer.upscale import upscale_file
 from core.models.checkpoint import load_checkpoint
-from core.quantize.runtimes import format_runner
+from core.quantize.runtimes import format_runner_for
 from store.models import model_files
 from store.tables import Model
 
@@ -188,7 +188,7 @@ def serve_model(services: Services, key: CacheKey, served: ServedModel) -> Serve
 
 
 def format_runners(
-    services: Services, row: Model, directory: Path, threshold_db: float
+    services: Services, row: Model, model: nn.Module, directory: Path, threshold_db: float
 ) -> tuple[dict[str, Runner], tuple[str, ...], dict[str, float]]:
     """Runners of a model's offered formats (fp32 ONNX aside: the tuner exports its own), the names
     admitted automatically (quality cost within `threshold_db`), and their recorded latencies."""
@@ -200,7 +200,7 @@ def format_runners(
         try:
             for file in entry["files"]:
                 services.blobs.download_to(model_files(row)[file], directory / file)
-            runners[name] = format_runner(name, directory)
+            runners[name] = format_runner_for(model, name, directory)
         except Exception:  # a format that cannot load here is not served; the others still are
             log.exception("model %s: format %s cannot be loaded", row.id, name)
             continue
@@ -225,7 +225,7 @@ def load_cached_model(services: Services, row: Model, preset: str | None) -> Ser
             model, _info = load_checkpoint(directory / "model.safetensors", preset=preset)
         # The runtimes read their files into memory: the temporary copies can go with the folder.
         runners, automatic, latency = (
-            format_runners(services, row, directory, services.settings.upscale_max_quality_cost_db)
+            format_runners(services, row, model, directory, services.settings.upscale_max_quality_cost_db)
             if preset is None
             else ({}, (), {})
         )

@@ -1,12 +1,16 @@
 """Inference benchmark: latency, achieved GFLOP/s against the matmul peak, and peak memory.
 
     .venv/bin/python bench/infer.py [--big] [--repeats 5] [--json out.json] [--cache-dir DIR]
+        [--student MODEL_DIR] [--no-formats]
 
 One process: (1) fp32 matmul peak (torch.mm of 2048x2048 matrices for a few seconds, all threads);
 (2) every preset at x2 on LR 640x360 (method.md §8's MAC size) through the eager fp32 path and the
 path `choose_backend` picks — median latency, GMACs (FlopCounterMode / 2), achieved GFLOP/s
 = 2·MACs / latency, % of the matmul peak, speed-up over eager, peak RSS while that preset ran;
-(3) a 1920x1080 -> 3840x2160 tiled upscale with edsr_mini in a child process, for its own peak RSS.
+(3) a 1920x1080 -> 3840x2160 tiled upscale with edsr_mini in a child process, for its own peak RSS;
+(4) the exported formats (int8/fp16 ONNX, OpenVINO fp32/int8, NCNN) of edsr_mini, rlfn_s and a ~45K
+student (--student, else one distilled for 300 steps here) against the fp32 ONNX Runtime path
+(bench/formats.py), with the CPU's int8/bf16 instruction sets named.
 `edsr` and `swinir` (the large ones, minutes per forward on a small CPU) run only with --big.
 RLFN presets use the real weights from ../shared/weights when present (speed does not depend on the
 weights, but choose_backend's PSNR check is more meaningful on a trained model).
@@ -31,6 +35,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from formats import print_formats_table  # noqa: E402  (bench/formats.py)
 
 from core.complexity import count_macs  # noqa: E402
 from core.infer.runners import default_cache_dir  # noqa: E402
@@ -263,6 +269,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir() / "bench")
     parser.add_argument("--tile", default="auto", help="LR tile for the 4K run (default auto)")
     parser.add_argument("--child-4k", metavar="BACKEND", help=argparse.SUPPRESS)
+    parser.add_argument("--student", type=Path, help="a ~45K student model folder for the formats table")
+    parser.add_argument("--no-formats", action="store_true", help="skip the exported formats (4)")
     args = parser.parse_args()
     torch.set_num_threads(cpu_cores())
 
@@ -283,11 +291,60 @@ def main() -> None:
     upscale_4k = [bench_4k(backend_4k, args.cache_dir, args.tile)]
     if backend_4k != "eager":
         upscale_4k.append(bench_4k("eager", args.cache_dir, args.tile))
+    formats = [] if args.no_formats else bench_all_formats(args.student, args.repeats)
     print_table(peak, rows, upscale_4k)
+    if formats:
+        print_formats_table(formats, LR_SIZE)
     if args.json:
         args.json.write_text(
-            json.dumps({"matmul_peak_gflops": peak, "rows": rows, "4k": upscale_4k}, indent=2)
+            json.dumps(
+                {"matmul_peak_gflops": peak, "rows": rows, "4k": upscale_4k, "formats": formats}, indent=2
+            )
         )
+
+
+def quick_student(workdir: Path) -> torch.nn.Module:
+    """A ~45K RLFN student inherited from the real teacher and distilled for 300 steps (as the tests do)."""
+    from core.job import JobConfig
+    from core.models.checkpoint import load_model
+    from core.pipeline import run_pipeline
+
+    data = SHARED / "data"
+    config = JobConfig(
+        model="rlfn_s",
+        scale=2,
+        teacher_weights=SHARED / "weights" / "RLFN_s_x2.pth",
+        train_data=[data / "train" / "T91_partial53"],
+        val_data=[SET5],
+        target_params=45_000,
+        prune_iters=4,
+        distill_iters=300,
+        validate_every=0,
+    )
+    run_pipeline(config, workdir)
+    return load_model(workdir / "student")
+
+
+def bench_all_formats(student_dir: Path | None, repeats: int) -> list[dict]:
+    """Section (4): edsr_mini, rlfn_s and the ~45K student through every exported format."""
+    import tempfile
+
+    from formats import bench_formats
+
+    from core.models.checkpoint import load_model
+
+    results = []
+    for name in ("edsr_mini", "rlfn_s"):
+        torch.manual_seed(0)
+        model, _weights = load_preset(name)
+        results.append(bench_formats(name, model.eval(), SHARED, LR_SIZE, repeats))
+        print(json.dumps(results[-1]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="srcompress-bench-student-") as tmp:
+        student = load_model(student_dir) if student_dir else quick_student(Path(tmp))
+    label = f"student {sum(p.numel() for p in student.parameters()):,}"
+    results.append(bench_formats(label, student.eval(), SHARED, LR_SIZE, repeats))
+    print(json.dumps(results[-1]), flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from core.models.config import ONNX_FILE
 from core.onnx_export import export_onnx, onnx_parity
 from core.results import ExportResult
 
-PARITY_LR_SIZE = (64, 48)  # (width, height) of the random input the ONNX parity is checked on
+# (width, height) traced for the ONNX export and its parity check. Square: a graph fixed to its traced
+# size (SwinIR) serves any image as overlapping tiles of this size (core.quantize.runtimes).
+EXPORT_LR_SIZE = (64, 64)
 
 
 def export_model(model: nn.Module, out_dir: Path) -> ExportResult:
@@ -20,8 +22,8 @@ def export_model(model: nn.Module, out_dir: Path) -> ExportResult:
     model = model.cpu().eval()
     save_model(model, out_dir)
     # Non-dynamic exports (SwinIR) are made for the parity size; dynamic ones accept any size.
-    onnx = export_onnx(model, out_dir / ONNX_FILE, example_lr_size=PARITY_LR_SIZE)
-    width, height = PARITY_LR_SIZE
+    onnx = export_onnx(model, out_dir / ONNX_FILE, example_lr_size=EXPORT_LR_SIZE)
+    width, height = EXPORT_LR_SIZE
     lr = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     diff = onnx_parity(model, onnx.path, lr)
     return ExportResult(

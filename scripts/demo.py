@@ -115,7 +115,10 @@ def main() -> None:
         print("2. ../shared/data is absent: train and report on the bundled `sample` images")
         train_ids, val_ids = ["sample"], ["sample"]
 
-    print(f"3. submit a compression job: at most 45,000 params, {args.minutes:g} minutes, the fast recipe")
+    print(
+        f"3. submit a compression job: at most 45,000 params, {args.minutes:g} minutes, the fast recipe, "
+        "exported as fp32 and int8 ONNX"
+    )
     job_request = {
         "model": "rlfn_s",
         "scale": 2,
@@ -124,6 +127,7 @@ def main() -> None:
         "val_dataset_ids": val_ids,
         "target_params": 45_000,
         "budget_minutes": args.minutes,
+        "formats": ["onnx", "onnx_int8"],
     }
     job = check(
         client.post("/v1/jobs", json=job_request, headers={"Idempotency-Key": f"demo-{time.time()}"})
@@ -151,7 +155,16 @@ def main() -> None:
             f"− bicubic {gap['student_minus_bicubic']:+.2f})  [{role}]"
         )
 
-    print("4. download the compact model")
+    for f in (report.get("quantize") or {}).get("formats", []):
+        figures = (
+            f"parity {f['parity_db']:.1f} dB, costs {f['quality_cost_db']:+.3f} dB PSNR-Y, "
+            f"{f['latency_ms']:.0f} ms at LR 640x360, {f['bytes']:,} bytes"
+            if f["ok"]
+            else f"not offered: {f['reason']}"
+        )
+        print(f"   format {f['name']:<10} {figures}")
+
+    print("4. download the compact model (every file, every format)")
     model_dir = args.out / "compact_model"
     model_dir.mkdir(exist_ok=True)
     for link in check(client.get(f"/v1/models/{job['result_model_id']}/download")).json():
@@ -160,16 +173,19 @@ def main() -> None:
         (model_dir / link["name"]).write_bytes(data)
         print(f"   {model_dir / link['name']} ({len(data):,} bytes)")
 
-    print("5. upscale an image with it")
+    print("5. upscale an image with it, in fp32 and on the int8 path")
     from core.data.sample import sample_dir
 
     image = sorted(sample_dir(args.out / "cache").glob("*.png"))[0]
-    with image.open("rb") as handle:
-        response = check(client.post("/v1/upscale", files={"file": (image.name, handle, "image/png")},
-                                     data={"model_id": job["result_model_id"]}))  # fmt: skip
-    result = args.out / f"{image.stem}_x2.png"
-    result.write_bytes(response.content)
-    print(f"   {result}")
+    for precision in ("fp32", "int8"):
+        form = {"model_id": job["result_model_id"], "precision": precision}
+        with image.open("rb") as handle:
+            files = {"file": (image.name, handle, "image/png")}
+            response = check(client.post("/v1/upscale", files=files, data=form))
+        result = args.out / f"{image.stem}_x2_{precision}.png"
+        result.write_bytes(response.content)
+        served = f"{response.headers['X-Srcompress-Backend']} ({response.headers['X-Srcompress-Precision']})"
+        print(f"   {result}  served by {served}")
 
 
 if __name__ == "__main__":

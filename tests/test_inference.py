@@ -337,6 +337,38 @@ def test_choose_backend_rejects_inaccurate_and_slow_paths(models, tmp_path, tiny
     assert decision.backend == "eager" and decision.psnr_fp32 is None  # nothing faster: no evaluation needed
 
 
+@pytest.mark.slow
+def test_choose_backend_weighs_exported_formats_like_any_path(models, tmp_path, tiny_eval_dir, monkeypatch):
+    """An exported format is a candidate: picked when fastest within 0.05 dB, refused when not."""
+    model = models["edsr_mini"]
+    eager = prepare_backend(model, "eager")
+
+    class Format:
+        def __init__(self, name, exact):
+            self.name, self.exact = name, exact
+
+        def __call__(self, lr):
+            out = eager(lr)
+            return out if self.exact else torch.zeros_like(out)
+
+    formats = {
+        "onnx_int8": Format("onnx_int8", exact=True),
+        "openvino_int8": Format("openvino_int8", exact=False),
+    }
+    speeds = {"eager": 1.0, "onnx_int8": 0.3, "openvino_int8": 0.2}
+    monkeypatch.setattr(
+        tuning, "time_runners", lambda runners, lr, repeats=5: {n: speeds.get(n, 0.9) for n in runners}
+    )
+    cache = tmp_path / "cache"
+    picked = choose_backend(model, cache, formats=formats, eval_dir=tiny_eval_dir, timing_lr_size=(32, 32))
+    assert picked == "onnx_int8"
+    trials = {t["backend"]: t for t in json.loads(decision_path(model, cache, formats).read_text())["trials"]}
+    assert not trials["openvino_int8"]["accepted"] and "> 0.05" in trials["openvino_int8"]["reason"]
+    assert tuning.cached_backend(model, cache, formats) == "onnx_int8"
+    assert tuning.cached_backend(model, cache) is None  # other candidates, another decision
+    assert prepare_backend(model, "onnx_int8", cache, formats) is formats["onnx_int8"]
+
+
 def test_timing_size_grows_for_quick_models():
     assert tuning.default_timing_size(lambda lr: lr) == tuning.QUICK_MODEL_TIMING_SIZE == (640, 360)
     assert tuning.default_timing_size(lambda lr: time.sleep(0.2)) == (128, 128)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from pydantic import ValidationError
 
+from core.data.datasets import load_images
 from core.formats import FORMATS
 from core.job import JobConfig, JobParams
+from core.models.build import create_model
 from core.pipeline import run_pipeline
+from core.quantize.stage import QuantizeConfig, run_quantize
 from srcompress.cli import main as cli
 
 FP16_FLOOR_DB = 50.0  # parity of an fp16 format with fp32 (issue 13)
@@ -104,7 +110,7 @@ def test_a_job_asks_for_fp32_onnx_only_by_default():
     assert params.formats == ["onnx"] and params.calibration == "percentile"
 
 
-def test_quantize_cli_refuses_bad_input_in_one_line(tmp_path, capsys, shared_data):
+def test_quantize_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     missing = ["quantize", str(tmp_path / "none.pth"), "--val", str(tmp_path), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit) as exit_info:
         cli(missing)
@@ -113,3 +119,21 @@ def test_quantize_cli_refuses_bad_input_in_one_line(tmp_path, capsys, shared_dat
         cli(["quantize", str(tmp_path), "--val", str(tmp_path), "--out", str(tmp_path), "--formats", "trt"])
     err = capsys.readouterr().err
     assert "unknown format ['trt']" in err and "Traceback" not in err
+
+
+def test_swinir_gets_fp32_onnx_mixed_fp16_and_openvino_served_in_tiles(tmp_path):
+    """SwinIR's graphs hold one input size: a smaller image is padded up to it, a larger one tiled."""
+    torch.manual_seed(0)
+    model = create_model("swinir_mini", 2).eval()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (width, height) in enumerate([(96, 80), (200, 136)]):  # LR 48x40 (padded) and 100x68 (tiles)
+        base = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(base).resize((width, height), Image.BICUBIC).save(paths[-1])
+    config = QuantizeConfig(formats=["onnx", "onnx_fp16", "openvino"], latency_lr_size=(64, 64))
+    result = run_quantize(model, tmp_path / "out", config, load_images(paths, 2), "pictures")
+    figures = {f.name: f for f in result.formats}
+    assert all(f.ok for f in figures.values()), figures
+    assert figures["onnx"].parity_db >= 80 and figures["openvino"].parity_db >= 80
+    assert figures["onnx_fp16"].parity_db >= FP16_FLOOR_DB

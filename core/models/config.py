@@ -95,10 +95,11 @@ class SwinIRConfig(BaseConfig):
     fp16_safe: ClassVar[bool] = False
     windowed_attention: ClassVar[bool] = True
     onnx_dynamic_shapes: ClassVar[bool] = False
-    export_formats: ClassVar[frozenset[str]] = frozenset(("onnx",))
+    export_formats: ClassVar[frozenset[str]] = frozenset(("onnx", "onnx_fp16", "openvino"))
     formats_note: ClassVar[str] = (
-        "SwinIR graphs are traced for one input size (the shifted-window mask and padding become "
-        "constants), so only the per-size fp32 ONNX export is offered"
+        "SwinIR is offered as fp32 ONNX, mixed fp16 ONNX (attention, LayerNorm and softmax in fp32: "
+        "its activations overflow fp16) and fp32 OpenVINO; its graphs hold one input size, which "
+        "pnnx cannot make dynamic, and int8 attention is not verified here"
     )
     scale: Scale
     embed_dim: PositiveInt = 60

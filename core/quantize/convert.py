@@ -1,6 +1,7 @@
 """Convert a model to each deployable format (core.formats) with the well-kept tool for it.
 
-- ONNX fp16: onnxconverter-common, inputs and outputs kept fp32 (callers and runtimes feed fp32).
+- ONNX fp16: ONNX Runtime's float16 converter, inputs and outputs kept fp32 (callers and runtimes feed
+  fp32); SwinIR as mixed precision (attention, LayerNorm and softmax in fp32).
 - ONNX int8: ONNX Runtime static quantization, QDQ, per-channel symmetric int8 weights, asymmetric
   uint8 activations calibrated on LR patches, convs only (element-wise ops stay float). Which convs:
   `int8_convs` — the body's 3×3 width→width convs, which carry most of the MACs, except the first
@@ -65,12 +66,24 @@ def int8_convs(path: Path) -> list[str]:
     return convs[LEADING_FLOAT_CONVS:-1]
 
 
-def to_onnx_fp16(onnx_fp32: Path, out_dir: Path) -> None:
-    from onnxconverter_common import float16
+# Ops a transformer keeps in fp32 in its fp16 graph: attention scores and softmax overflow fp16, and so
+# do LayerNorm's sums of squares (SwinIR's activations reach ~1e5).
+MIXED_FP32_OPS = ("MatMul", "Softmax", "LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Div", "Erf")
+
+
+def to_onnx_fp16(onnx_fp32: Path, out_dir: Path, mixed: bool = False) -> None:
+    """fp16 weights and arithmetic; `mixed`: attention, LayerNorm and softmax kept fp32 (SwinIR)."""
+    # ONNX Runtime's fork of onnxconverter-common's converter: the original mistypes the boundaries of
+    # blocked ops (an fp16 bias added to an fp32 MatMul output in SwinIR's attention).
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tiny weights flushed to fp16's smallest normal, as intended
-        converted = float16.convert_float_to_float16(onnx.load(str(onnx_fp32)), keep_io_types=True)
+        converted = convert_float_to_float16(
+            onnx.load(str(onnx_fp32)),
+            keep_io_types=True,
+            op_block_list=list(MIXED_FP32_OPS) if mixed else None,
+        )
     onnx.save(converted, str(out_dir / FORMATS["onnx_fp16"].file))
 
 
@@ -114,18 +127,25 @@ def to_onnx_int8(onnx_fp32: Path, out_dir: Path, patches: np.ndarray, method: st
         )
 
 
+def read_openvino(onnx_fp32: Path):
+    """The ONNX graph as an OpenVINO model (read_model: convert_model would split a path at commas)."""
+    import openvino as ov
+
+    return ov.Core().read_model(str(onnx_fp32))
+
+
 def to_openvino(onnx_fp32: Path, out_dir: Path) -> None:
     import openvino as ov
 
     spec = FORMATS["openvino"]
-    ov.save_model(ov.convert_model(str(onnx_fp32)), str(out_dir / spec.file), compress_to_fp16=False)
+    ov.save_model(read_openvino(onnx_fp32), str(out_dir / spec.file), compress_to_fp16=False)
 
 
 def to_openvino_int8(onnx_fp32: Path, out_dir: Path, patches: np.ndarray) -> None:
     import nncf
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_fp32))
+    model = read_openvino(onnx_fp32)
     chosen = set(int8_convs(onnx_fp32))
     # OpenVINO names a conv after its ONNX node (+ "/WithoutBiases"); every other conv stays float, and
     # so do the element-wise ops (as on the ONNX Runtime path).

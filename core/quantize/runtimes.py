@@ -80,6 +80,45 @@ class NcnnRunner:
         return torch.from_numpy(np.stack(outputs))
 
 
+class FixedSizeRunner:
+    """A runner whose graph holds one input size (SwinIR's): any image is reflect-padded to at least
+    that size and run as overlapping tiles of it, blended as core.infer.tiling blends any tiles."""
+
+    def __init__(self, inner, tile: int, scale: int, overlap: int = 16) -> None:
+        self.name, self.inner, self.tile, self.scale, self.overlap = inner.name, inner, tile, scale, overlap
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        from core.infer.tiling import upscale_tiled
+
+        _, _, height, width = lr.shape
+        if (height, width) == (self.tile, self.tile):
+            return self.inner(lr)
+        pad_h, pad_w = max(0, self.tile - height), max(0, self.tile - width)
+        outputs = []
+        for image in lr.detach().cpu().numpy().astype(np.float32):
+            rgb = np.pad(image.transpose(1, 2, 0), ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+            sr = upscale_tiled(self.inner, np.ascontiguousarray(rgb), self.scale, self.tile, self.overlap)
+            outputs.append(sr[: height * self.scale, : width * self.scale].transpose(2, 0, 1))
+        return torch.from_numpy(np.ascontiguousarray(np.stack(outputs)))
+
+
+def fit_to_model(model, runner):
+    """`runner` as is, or tiled at the export size when the model's graphs hold one size (SwinIR); the
+    fp32 reference of such a model is tiled alike, so that parity measures the format, not the tiles."""
+    from core.export import EXPORT_LR_SIZE
+    from core.models.network import model_config
+
+    config = model_config(model)
+    if config.onnx_dynamic_shapes:
+        return runner
+    return FixedSizeRunner(runner, EXPORT_LR_SIZE[0], config.scale)
+
+
+def format_runner_for(model, name: str, directory: Path):
+    """The runner of format `name` for `model` (see `fit_to_model`)."""
+    return fit_to_model(model, format_runner(name, directory))
+
+
 def format_runner(name: str, directory: Path):
     """The runner of format `name` from its files in `directory`."""
     spec = FORMATS[name]

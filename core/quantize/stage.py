@@ -11,21 +11,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
 from core.data.datasets import EvalImage, TrainImages
 from core.errors import UserError
+from core.export import EXPORT_LR_SIZE
 from core.formats import DEFAULT_FORMATS, FORMATS, CalibrationMethod, FormatName
 from core.infer.runners import TorchRunner
 from core.models.fold import with_folded_tail
 from core.models.network import model_config
-from core.onnx_export import export_onnx, onnx_parity
+from core.onnx_export import export_onnx
 from core.quantize import convert
 from core.quantize.calibration import calibration_patches
-from core.quantize.runtimes import format_runner
+from core.quantize.runtimes import fit_to_model, format_runner_for
 from core.quantize.verify import Outputs, latency_ms, parity_db, run_on
 from core.results import Calibration, FormatResult, QuantizeResult
 
@@ -71,18 +71,20 @@ def run_quantize(
     export stage left it there) and verify each on `verify_images`."""
     model = model.cpu().eval()
     check_formats(model, config.formats)
-    scale = model_config(model).scale
+    family_config = model_config(model)
+    scale = family_config.scale
     int8 = [name for name in config.formats if FORMATS[name].precision == "int8"]
     if int8 and calibration is None:
         raise UserError(f"{', '.join(int8)} need calibration images (LR patches of the training data)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     source = out_dir / FORMATS["onnx"].file
     if not source.is_file():
-        export_onnx(model, source, example_lr_size=(64, 48))
+        export_onnx(model, source, example_lr_size=EXPORT_LR_SIZE)
     patches = calibration_patches(calibration, config.calibration_patches, config.seed) if int8 else None
-    reference = run_on(model, TorchRunner(model, "eager"), verify_images, scale)
+    reference = run_on(model, fit_to_model(model, TorchRunner(model, "eager")), verify_images, scale)
     builders: dict[str, Callable[[], None]] = {
         "onnx": lambda: None,
-        "onnx_fp16": lambda: convert.to_onnx_fp16(source, out_dir),
+        "onnx_fp16": lambda: convert.to_onnx_fp16(source, out_dir, mixed=family_config.windowed_attention),
         "onnx_int8": lambda: convert.to_onnx_int8(source, out_dir, patches, config.calibration),
         "openvino": lambda: convert.to_openvino(source, out_dir),
         "openvino_int8": lambda: convert.to_openvino_int8(source, out_dir, patches),
@@ -138,18 +140,12 @@ def _build_and_verify(
     )
     try:
         build()
-        runner = format_runner(name, out_dir)
-        if not model_config(model).onnx_dynamic_shapes:  # a graph for one size: check it at that size
-            lr = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
-            result.parity_db = float(
-                20 * np.log10(1.0 / max(onnx_parity(model, out_dir / spec.file, lr), 1e-10))
-            )
-        else:
-            outputs = run_on(model, runner, images, model_config(model).scale)
-            result.parity_db = parity_db(reference, outputs)
-            result.psnr, result.ssim = outputs.psnr, outputs.ssim
-            result.quality_cost_db = reference.psnr - outputs.psnr
-            result.latency_ms = latency_ms(runner, config.latency_lr_size)
+        runner = format_runner_for(model, name, out_dir)
+        outputs = run_on(model, runner, images, model_config(model).scale)
+        result.parity_db = parity_db(reference, outputs)
+        result.psnr, result.ssim = outputs.psnr, outputs.ssim
+        result.quality_cost_db = reference.psnr - outputs.psnr
+        result.latency_ms = latency_ms(runner, config.latency_lr_size)
         result.bytes = sum((out_dir / file).stat().st_size for file in spec.files)
         figure, bound = FLOORS[spec.precision]
         value = getattr(result, figure)
