@@ -339,6 +339,7 @@ def run_pipeline(
             export = export_model(student.cpu(), out)
             state.put("exporting", export, time.perf_counter() - began)
         export = ExportResult(**state.get("exporting"))
+        on_progress("exporting", 1.0, {"onnx_max_abs_diff": export.onnx_max_abs_diff})
 
         # 6 quantize: every format the job asks for, verified on its first validation set
         if not state.done("quantizing"):

@@ -217,7 +217,10 @@ def test_the_dashboard_end_to_end(tmp_path):
         secret = client.post("/v1/webhooks/secret").json()["secret"]
         job_id = submit_job_with_keyboard(driver, TINY_JOB, webhook_url=hook_url)
         until(
-            lambda: text_of(driver, "#job-state") in ("distilling", "evaluating", "exporting", "succeeded"),
+            lambda: (
+                text_of(driver, "#job-state")
+                in ("distilling", "evaluating", "exporting", "quantizing", "succeeded")
+            ),
             JOB_TIMEOUT_S,
             "the job running",
         )

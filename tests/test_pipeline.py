@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from core.data.sample import sample_dir
 from core.errors import UserError
-from core.job import CompressionReport, JobConfig
+from core.job import STAGES, CompressionReport, JobConfig
 from core.pipeline import run_pipeline
 from srcompress.cli import main as cli
 
@@ -86,7 +86,7 @@ def test_tiny_run_produces_every_artifact(tmp_path, teacher, tiny_images):
         assert (out / name).stat().st_size > 0, name
     # stages report in order, each ending at 1.0
     stages = list(dict.fromkeys(stage for stage, _ in events))
-    assert stages == ["pruning", "compressing", "distilling", "evaluating", "exporting"]
+    assert stages == list(STAGES)
     assert all(any(s == stage and f == 1.0 for s, f in events) for stage in stages)
 
     saved = CompressionReport.model_validate_json((out / "report.json").read_text())
@@ -98,7 +98,8 @@ def test_tiny_run_produces_every_artifact(tmp_path, teacher, tiny_images):
     assert saved.teacher.scores[0].psnr > saved.bicubic[0].psnr  # the real teacher beats bicubic
     assert saved.export.onnx_max_abs_diff < 1e-4
     assert saved.distill.iterations == 8 and len(saved.distill.val_curve) == 2
-    assert set(saved.stage_seconds) == {"pruning", "compressing", "distilling", "evaluating", "exporting"}
+    assert set(saved.stage_seconds) == set(STAGES)
+    assert [f.name for f in saved.quantize.formats] == ["onnx"] and saved.quantize.formats[0].ok
     assert "Apache-2.0" in (out / "MODEL_CARD.md").read_text()
 
 

@@ -183,10 +183,10 @@ def test_full_run_appends_one_event_per_change(sessions):
         assert job.lease_owner is None and job.lease_expires_at is None and job.attempts == 1
         assert job.started_at == T0 and job.finished_at == T0 + timedelta(minutes=10)
         events = states_of_events(session, job_id)
-        expected_states = ["queued", *jobs.RUNNING_STATES, "exporting", "succeeded"]
+        expected_states = ["queued", *jobs.RUNNING_STATES, jobs.STAGES[-1], "succeeded"]
         assert events == list(enumerate(expected_states, start=1))
         progress = jobs.events_after(session, job_id)[-2]
-        assert (progress.fraction, progress.metrics, progress.stage) == (1.0, {"psnr": 37.9}, "exporting")
+        assert (progress.fraction, progress.metrics, progress.stage) == (1.0, {"psnr": 37.9}, jobs.STAGES[-1])
 
 
 def test_illegal_transitions_are_rejected_and_change_nothing(sessions):
