@@ -190,25 +190,41 @@ def serve_model(services: Services, key: CacheKey, served: ServedModel) -> Serve
 def format_runners(
     services: Services, row: Model, model: nn.Module, directory: Path, threshold_db: float
 ) -> tuple[dict[str, Runner], tuple[str, ...], dict[str, float]]:
-    """Runners of a model's offered formats (fp32 ONNX aside: the tuner exports its own), the names
-    admitted automatically (quality cost within `threshold_db`), and their recorded latencies."""
-    runners, automatic, latency = {}, [], {}
-    for entry in row.formats or []:
-        name = entry.get("name")
-        if not entry.get("ok") or name not in FORMATS or name == "onnx":
-            continue
+    """Runners of the offered formats a request can reach, the names admitted automatically (quality
+    cost within `threshold_db`: the tuner's candidates) and their recorded latencies. Reachable are
+    the admitted formats and the fastest int8 one (precision=int8); the others are not downloaded,
+    and fp32 ONNX is left to the tuner, which exports its own."""
+    offered = {
+        entry["name"]: entry
+        for entry in row.formats or []
+        if entry.get("ok") and entry.get("name") in FORMATS and entry["name"] != "onnx"
+    }
+    latency = {name: entry.get("latency_ms") or float("inf") for name, entry in offered.items()}
+    admitted = [
+        name
+        for name, entry in offered.items()
+        if entry.get("quality_cost_db") is not None and entry["quality_cost_db"] <= threshold_db
+    ]
+    int8 = sorted((name for name in offered if FORMATS[name].precision == "int8"), key=latency.__getitem__)
+    runners: dict[str, Runner] = {}
+
+    def load(name: str) -> bool:
         try:
-            for file in entry["files"]:
+            for file in offered[name]["files"]:
                 services.blobs.download_to(model_files(row)[file], directory / file)
             runners[name] = format_runner_for(model, name, directory)
+            return True
         except Exception:  # a format that cannot load here is not served; the others still are
             log.exception("model %s: format %s cannot be loaded", row.id, name)
-            continue
-        latency[name] = entry.get("latency_ms") or float("inf")
-        cost = entry.get("quality_cost_db")
-        if cost is not None and cost <= threshold_db:
-            automatic.append(name)
-    return runners, tuple(automatic), latency
+            return False
+
+    for name in admitted:
+        load(name)
+    for name in int8:  # precision=int8 is served by the fastest int8 format that loads
+        if name in runners or load(name):
+            break
+    automatic = tuple(name for name in admitted if name in runners)
+    return runners, automatic, {name: latency[name] for name in runners}
 
 
 def load_cached_model(services: Services, row: Model, preset: str | None) -> ServedModel:

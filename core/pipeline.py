@@ -282,8 +282,16 @@ def run_pipeline(
                 if config.validate_every is not None
                 else validate_every_for(iterations, validations)
             )
+            # A budget is a deadline: should the machine slow down after the plan was measured (a
+            # shared VM drifts by tens of percent), distillation stops at the budget's end with the
+            # schedule's tail cut and says so (`stopped_early`), instead of overrunning.
+            max_seconds = plan.budget_seconds - plan.spent_before_distill_seconds if plan else None
             distill_config = distill_config.model_copy(
-                update={"iterations": iterations, "validate_every": validate_every}
+                update={
+                    "iterations": iterations,
+                    "validate_every": validate_every,
+                    "max_seconds": max(max_seconds, 1.0) if max_seconds is not None else None,
+                }
             )
             student, distill = run_distill(
                 student,
@@ -298,6 +306,11 @@ def run_pipeline(
                 targets=targets,
                 val_name="holdout",
             )
+            if distill.stopped_early:
+                log.warning(
+                    "the budget ended after %d of %d planned iterations (steps ran slower than measured)",
+                    distill.iterations, iterations,
+                )  # fmt: skip
             save_model(student, student_dir)
             state.put("distilling", distill, time.perf_counter() - began)
         distill = DistillResult(**state.get("distilling"))

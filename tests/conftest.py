@@ -40,3 +40,25 @@ def shared_data() -> Path:
 def shared_weights() -> Path:
     """../shared/weights: the real pretrained RLFN checkpoints."""
     return _require(SHARED / "weights")
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    """A real app on SQLite (no worker) and a key: (client, key id, webhook secret, engine)."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from store.apikeys import create_api_key
+    from store.db import make_engine, migrate, session_factory
+    from store.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    with session_factory(engine).begin() as session:
+        key, raw = create_api_key(session, "api")
+        key_id, secret = key.id, key.webhook_secret
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = f"Bearer {raw}"
+        yield client, key_id, secret, engine
+    engine.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -114,6 +115,41 @@ def uvicorn_server(env: dict[str, str], port: int, log_path: Path) -> Iterator[s
         yield url
     finally:
         stop(process)
+
+
+@contextmanager
+def embedded_server(tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, str, Path]]:
+    """`srcompress serve` with only a data directory (it migrates, prints the first key and starts a
+    worker), in its own process with no SRCOMPRESS_* variables but ``extra_env``; yields (url, key, log)."""
+    from tests.stores import free_port
+
+    port = free_port()
+    log_path = tmp / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRCOMPRESS_")}
+    env.update(extra_env or {})
+    command = [
+        sys.executable,
+        "-m",
+        "srcompress",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp / "data"),
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, process, log_path, timeout=120)
+        match = re.search(r"first API key \(shown once\): (\S+)", log_path.read_text())
+        assert match, log_path.read_text()
+        yield url, match.group(1), log_path
+    except BaseException:
+        print(f"--- serve.log ---\n{log_path.read_text()[-6000:]}")
+        raise
+    finally:
+        stop(process, timeout=40)
 
 
 def create_key(env: dict[str, str], name: str) -> str:

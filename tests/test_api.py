@@ -672,3 +672,48 @@ def test_jobs_validation_idempotency_limits_cancel_and_events(stack, alice, bob,
     alice.post(f"/v1/jobs/{third.json()['id']}/cancel")
     metrics = httpx.get(f"{stack[0]}/metrics").text
     assert 'srcompress_jobs{state="canceled"} 3.0' in metrics
+
+
+def test_only_the_formats_a_request_can_reach_are_downloaded(monkeypatch, tmp_path):
+    """Admitted formats (quality cost within the threshold) and the fastest int8 one that loads; an
+    int8 format that cannot load gives way to the next fastest; the rest stay in storage."""
+    from types import SimpleNamespace
+
+    from api import serving
+    from store.tables import Model
+
+    def entry(name, cost, latency, ok=True):
+        return {
+            "name": name,
+            "files": [f"{name}.bin"],
+            "ok": ok,
+            "quality_cost_db": cost,
+            "latency_ms": latency,
+        }
+
+    row = Model(
+        id="m",
+        formats=[
+            entry("onnx", 0.0, 9.0),  # the tuner exports its own fp32 ONNX
+            entry("onnx_fp16", 0.01, 8.0),  # admitted
+            entry("openvino", 0.0, 7.0, ok=False),  # not offered
+            entry("openvino_int8", 0.2, 3.0),  # the fastest int8, but it fails to load
+            entry("onnx_int8", 0.2, 4.0),  # so this one serves precision=int8
+            entry("ncnn_fp16", 0.5, 2.0),  # over the threshold and not int8: never reachable
+        ],
+    )
+    downloaded: list[str] = []
+    blobs = SimpleNamespace(download_to=lambda key, path: downloaded.append(path.name))
+
+    def runner_for(model, name, directory):
+        if name == "openvino_int8":
+            raise RuntimeError("this runtime cannot read it")
+        return f"runner:{name}"
+
+    monkeypatch.setattr(serving, "format_runner_for", runner_for)
+    runners, automatic, latency = serving.format_runners(
+        SimpleNamespace(blobs=blobs), row, None, tmp_path, threshold_db=0.05
+    )
+    assert runners == {"onnx_fp16": "runner:onnx_fp16", "onnx_int8": "runner:onnx_int8"}
+    assert automatic == ("onnx_fp16",) and latency == {"onnx_fp16": 8.0, "onnx_int8": 4.0}
+    assert downloaded == ["onnx_fp16.bin", "openvino_int8.bin", "onnx_int8.bin"]

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +23,7 @@ from safetensors.torch import load as load_safetensors
 from core.models.build import create_model
 from store import webhooks
 from tests.browser import UNLABELLED_CONTROLS, chromium, drop_file, screenshot, until
-from tests.service_helpers import REPO, png_bytes, stop, wait_until_healthy, zip_bytes
-from tests.stores import free_port
+from tests.service_helpers import REPO, embedded_server, png_bytes, zip_bytes
 from tests.webhook_receiver import Receiver, receiver_server
 
 JOB_TIMEOUT_S = 420
@@ -46,38 +42,14 @@ TINY_JOB = {  # the lifecycle tests' tiny job, with two validations so the PSNR 
 @contextmanager
 def served(tmp: Path) -> Iterator[tuple[str, str]]:
     """`srcompress serve` (it migrates, prints the first key, starts a worker); yields (url, key)."""
-    port = free_port()
-    log_path = tmp / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SRCOMPRESS_")}
-    env.update(
-        SRCOMPRESS_WEBHOOK_ALLOW_PRIVATE="true",  # the receiver is on 127.0.0.1
-        SRCOMPRESS_WEBHOOK_POLL_SECONDS="0.2",
-        SRCOMPRESS_HEARTBEAT_SECONDS="1",  # a canceled job stops within a second or two
-        SRCOMPRESS_LEASE_SECONDS="15",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "srcompress",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp / "data"),
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process, log_path, timeout=120)
-        match = re.search(r"first API key \(shown once\): (\S+)", log_path.read_text())
-        assert match, log_path.read_text()
-        yield url, match.group(1)
-    except BaseException:
-        print(f"--- serve.log ---\n{log_path.read_text()[-6000:]}")
-        raise
-    finally:
-        stop(process, timeout=40)
+    extra_env = {
+        "SRCOMPRESS_WEBHOOK_ALLOW_PRIVATE": "true",  # the receiver is on 127.0.0.1
+        "SRCOMPRESS_WEBHOOK_POLL_SECONDS": "0.2",
+        "SRCOMPRESS_HEARTBEAT_SECONDS": "1",  # a canceled job stops within a second or two
+        "SRCOMPRESS_LEASE_SECONDS": "15",
+    }
+    with embedded_server(tmp, extra_env) as (url, key, _log):
+        yield url, key
 
 
 def teacher_checkpoint(path: Path) -> Path:
@@ -383,32 +355,21 @@ def test_the_dashboard_is_served_without_a_key(tmp_path):
             assert (module.parent / target).exists(), (module.name, target)
 
 
-def test_crops_need_a_finished_job_of_the_caller(tmp_path):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
+def test_crops_need_a_finished_job_of_the_caller(app_client):
     from store.apikeys import create_api_key
-    from store.db import make_engine, migrate, session_factory
+    from store.db import session_factory
     from store.jobs import create_job
-    from store.settings import Settings
 
-    settings = Settings(data_dir=tmp_path)
-    migrate(settings.database_url)
-    engine = make_engine(settings.database_url)
+    client, key_id, _, engine = app_client
     with session_factory(engine).begin() as session:
-        key, raw = create_api_key(session, "crops")
         other, _ = create_api_key(session, "other")
-        queued, _ = create_job(session, config={}, owner_key_id=key.id)
+        queued, _ = create_job(session, config={}, owner_key_id=key_id)
         foreign, _ = create_job(session, config={}, owner_key_id=other.id)
         queued_id, foreign_id = queued.id, foreign.id
-    engine.dispose()
-    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {raw}"}) as client:
-        assert client.get(f"/v1/jobs/{queued_id}/crops").json()["error"]["code"] == "not_ready"
-        assert client.get(f"/v1/jobs/{foreign_id}/crops").status_code == 404
-        assert client.get(f"/v1/jobs/{queued_id}/crops/0/ghost.png").status_code == 404
-        upscaled = client.post(
-            "/v1/bicubic", files={"file": ("a.png", png_bytes(10, 8))}, data={"scale": "3"}
-        )
-        assert upscaled.status_code == 200 and Image.open(io.BytesIO(upscaled.content)).size == (30, 24)
-        bad = client.post("/v1/bicubic", files={"file": ("a.png", b"not an image")}, data={"scale": "2"})
-        assert bad.status_code == 422
+    assert client.get(f"/v1/jobs/{queued_id}/crops").json()["error"]["code"] == "not_ready"
+    assert client.get(f"/v1/jobs/{foreign_id}/crops").status_code == 404
+    assert client.get(f"/v1/jobs/{queued_id}/crops/0/ghost.png").status_code == 404
+    upscaled = client.post("/v1/bicubic", files={"file": ("a.png", png_bytes(10, 8))}, data={"scale": "3"})
+    assert upscaled.status_code == 200 and Image.open(io.BytesIO(upscaled.content)).size == (30, 24)
+    bad = client.post("/v1/bicubic", files={"file": ("a.png", b"not an image")}, data={"scale": "2"})
+    assert bad.status_code == 422

@@ -11,10 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -35,13 +33,13 @@ from store.settings import Settings
 from tests.service_helpers import (
     REPO,
     create_key,
+    embedded_server,
     parse_sse,
     png_bytes,
     stop,
     unavailable,
     uvicorn_server,
     wait_for,
-    wait_until_healthy,
     zip_bytes,
 )
 from tests.stores import free_port, moto_s3_server, postgres_unavailable_reason, throwaway_postgres_database
@@ -109,29 +107,8 @@ def production_stack(tmp: Path):
 @contextmanager
 def embedded_stack(tmp: Path):
     """`srcompress serve` with only a data directory: it migrates, prints the first key, starts a worker."""
-    port = free_port()
-    log_path = tmp / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SRCOMPRESS_")}
-    command = [
-        sys.executable,
-        "-m",
-        "srcompress",
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp / "data"),
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process, log_path, timeout=120)
-        match = re.search(r"first API key \(shown once\): (\S+)", log_path.read_text())
-        assert match, log_path.read_text()
-        yield url, match.group(1), [log_path]
-    finally:
-        stop(process, timeout=40)
+    with embedded_server(tmp) as (url, key, log_path):
+        yield url, key, [log_path]
 
 
 def follow_events(client: httpx.Client, job_id: str) -> list[dict]:

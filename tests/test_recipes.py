@@ -286,6 +286,18 @@ def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops,
 
 
 @pytest.mark.slow
+def test_a_machine_slower_than_its_plan_stops_at_the_budget(tmp_path, shared_weights, crops, monkeypatch):
+    """A step measured 1,000x too fast plans far more iterations than the budget holds: distillation
+    stops at the budget's end, says so, and the job still finishes with a student."""
+    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 1e-5)
+    report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
+    plan = report.budget
+    assert report.distill.stopped_early and report.distill.iterations < plan.distill_iters
+    assert report.distill.seconds < plan.budget_seconds - plan.spent_before_distill_seconds + 2.0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
 def test_a_student_preset_of_another_family_is_distilled(tmp_path, shared_weights, crops):
     config = budget_config(
         shared_weights / "RLFN_s_x2.pth", crops, target_params=None, student_preset="edsr_mini",

@@ -282,25 +282,6 @@ def test_public_and_allowed_private_urls_pass():
 # --- through the API --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def app_client(tmp_path):
-    """A real app on SQLite (no worker) and a key: (client, key id, secret)."""
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    settings = Settings(data_dir=tmp_path)
-    migrate(settings.database_url)
-    engine = make_engine(settings.database_url)
-    with session_factory(engine).begin() as session:
-        key, raw = create_api_key(session, "api")
-        key_id, secret = key.id, key.webhook_secret
-    with TestClient(create_app(settings)) as client:
-        client.headers["Authorization"] = f"Bearer {raw}"
-        yield client, key_id, secret, engine
-    engine.dispose()
-
-
 def teacher_id(client) -> str:
     import torch
 
