@@ -215,7 +215,12 @@ def test_a_budgeted_job_resolves_to_fast_and_reports_the_gap(tmp_path, shared_we
     plan = report.budget
     assert plan is not None and plan.budget_seconds == 9.0
     assert report.prune.iterations == plan.prune_iters >= 1
-    assert report.distill.iterations == plan.distill_iters >= 1
+    # Every planned iteration ran, unless the machine slowed down after measuring (then the budget's
+    # deadline cut the run short, and the report says so).
+    assert plan.distill_iters >= 1
+    assert report.distill.iterations == plan.distill_iters or (
+        report.distill.stopped_early and report.distill.iterations < plan.distill_iters
+    )
     expected = math.floor(
         (9.0 - plan.spent_before_distill_seconds - plan.validations * plan.validation_seconds)
         / plan.distill_step_seconds

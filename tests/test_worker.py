@@ -297,8 +297,9 @@ def test_job_succeeds_with_events_artifacts_and_a_registered_model(workers: Stac
     )
     assert report["recipe"]["name"] == "fast" and report["recipe"]["overridden"] == []
     planned = report["budget"]["distill_iters"]
-    assert planned >= 1 and report["distill"]["iterations"] == planned
-    assert job.metrics["distilling"]["iteration"] == planned and "eta_s" in job.metrics["distilling"]
+    ran = report["distill"]["iterations"]  # all of them, unless a slowed machine hit the deadline
+    assert planned >= 1 and (ran == planned or (report["distill"]["stopped_early"] and ran < planned))
+    assert job.metrics["distilling"]["iteration"] == ran and "eta_s" in job.metrics["distilling"]
     # Chosen on a sample image held out from training; the stored 'tiny' set is reported beside it.
     assert [g["used_for_selection"] for g in report["gaps"]] == [True, False]
     assert report["holdout"]["training_images"] == 5 and len(report["holdout"]["images"]) == 1

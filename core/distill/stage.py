@@ -305,7 +305,7 @@ def run_distill(
                 best = point
                 save_checkpoint(best_path, {"ema": ema.model.state_dict(), "iteration": iteration})
         if metrics:
-            on_progress(stage, iteration / config.iterations, metrics)
+            on_progress(stage, iteration / last, metrics)  # 1.0 at a deadline too
         if every.due(every.checkpoint, iteration, last):
             save_loop(
                 path, iteration, began, stateful,
