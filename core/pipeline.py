@@ -285,12 +285,11 @@ def run_pipeline(
             # A budget is a deadline: should the machine slow down after the plan was measured (a
             # shared VM drifts by tens of percent), distillation stops at the budget's end with the
             # schedule's tail cut and says so (`stopped_early`), instead of overrunning.
-            max_seconds = plan.budget_seconds - plan.spent_before_distill_seconds if plan else None
             distill_config = distill_config.model_copy(
                 update={
                     "iterations": iterations,
                     "validate_every": validate_every,
-                    "max_seconds": max(max_seconds, 1.0) if max_seconds is not None else None,
+                    "max_seconds": plan.distill_seconds if plan is not None else None,
                 }
             )
             student, distill = run_distill(

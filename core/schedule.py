@@ -74,6 +74,11 @@ class BudgetPlan(BaseModel):
         None, description="training images the teacher labelled within its share (the rest: ground truth)"
     )
 
+    @property
+    def distill_seconds(self) -> float:
+        """Distillation's deadline: what the budget leaves after the work before it (at least 1 s)."""
+        return max(self.budget_seconds - self.spent_before_distill_seconds, 1.0)
+
     def plan_distill(
         self,
         spent_seconds: float,
