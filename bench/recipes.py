@@ -29,6 +29,8 @@ VARIANTS: dict[str, dict] = {
     "blend": {"distill_loss": "blend"},
     "paper_loss": {"distill_loss": "paper"},
     "laplacian_flat": {"distill_loss": "laplacian_flat"},
+    "l2_finish": {"l2_finish": 0.25},  # the last quarter on L2 to the ground truth
+    "no_l2_finish": {"l2_finish": 0.0},
     # init
     "scratch": {"student_init": "scratch"},
     # lr and its decay

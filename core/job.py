@@ -57,6 +57,9 @@ class JobParams(BaseModel):
     prune_lr: float = Field(5e-3, gt=0, description="OBProx-SG step size")
     distill_lr: float | None = Field(None, gt=0, description="AdaMax learning rate of the student")
     distill_loss: DistillLoss | None = None
+    l2_finish: float | None = Field(
+        None, ge=0, lt=1, description="the last this fraction of distillation trains on L2 to ground truth"
+    )
     lr_schedule: LrSchedule | None = None
     warmup: float | None = Field(None, ge=0, lt=1, description="lr warm-up, fraction of the run")
     precision: Precision | None = Field(None, description="training precision (auto: bf16 on GPUs)")

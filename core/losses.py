@@ -208,6 +208,7 @@ def kd_loss(
 #   output as the target, plus its high frequencies, without the 16×-weighted low-pass band (which the
 #   LR input already fixes, yet keeps a constant-size gradient there however small the error);
 # - l1_gt: L1(s, gt), no teacher; l1_teacher: L1(s, t), no ground truth;
+# - l2_gt: the mean squared error to gt, PSNR's own objective (a run's `l2_finish` ends on it);
 # - blend: 0.5·L1(s, gt) + 0.5·L1(s, t).
 FLAT_LEVELS = (1.0,) * LAPLACIAN_LEVELS
 
@@ -224,6 +225,8 @@ def distill_loss_parts(
     l1 = F.l1_loss(student, gt)
     if name == "l1_gt":
         return LossParts(total=l1, l1=l1, teacher=zero, teacher_hf=zero)
+    if name == "l2_gt":
+        return LossParts(total=F.mse_loss(student, gt), l1=l1, teacher=zero, teacher_hf=zero)
     if teacher is None:
         raise ValueError(f"the {name!r} loss needs the teacher's output")
     if name in ("paper", "laplacian_flat"):

@@ -230,6 +230,7 @@ def run_pipeline(
             distill_config = DistillConfig(
                 iterations=recipe.distill_iters,
                 loss=recipe.loss,
+                l2_finish=recipe.l2_finish,
                 alpha=recipe.alpha,
                 lr=recipe.lr,
                 schedule=recipe.schedule,

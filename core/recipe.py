@@ -29,13 +29,14 @@ RecipeName = Literal["paper", "fast"]
 StudentInit = Literal["scratch", "inherit"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # The distillation losses of core.losses: the paper's, and the variants bench/recipes.py compares.
-DistillLoss = Literal["paper", "laplacian_flat", "pixel_hf", "l1_gt", "l1_teacher", "blend"]
+DistillLoss = Literal["paper", "laplacian_flat", "pixel_hf", "l1_gt", "l2_gt", "l1_teacher", "blend"]
 DISTILL_LOSSES: tuple[str, ...] = get_args(DistillLoss)
+GROUND_TRUTH_LOSSES = ("l1_gt", "l2_gt")
 
 
 def loss_needs_teacher(loss: str) -> bool:
-    """Every loss but plain L1 to the ground truth has the teacher's output as a target."""
-    return loss != "l1_gt"
+    """Every loss but plain L1 or L2 to the ground truth has the teacher's output as a target."""
+    return loss not in GROUND_TRUTH_LOSSES
 
 
 class Recipe(BaseModel):
@@ -47,6 +48,11 @@ class Recipe(BaseModel):
     student_init: StudentInit
     loss: DistillLoss
     alpha: float = Field(description="weight of L1(student, ground truth) in paper / pixel_hf")
+    l2_finish: float = Field(
+        0.0,
+        description="the last this fraction of the distillation iterations train on L2 to the "
+        "ground truth (PSNR's own loss) instead of `loss`",
+    )
     lr: float
     schedule: LrSchedule
     warmup: float = Field(description="lr warm-up, fraction of the distillation iterations")
@@ -116,6 +122,7 @@ RECIPES: dict[str, Recipe] = {
 OVERRIDES = {
     "student_init": "student_init",
     "distill_loss": "loss",
+    "l2_finish": "l2_finish",
     "alpha": "alpha",
     "distill_lr": "lr",
     "lr_schedule": "schedule",

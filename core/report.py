@@ -185,7 +185,8 @@ The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from
   (final phase: {report.prune.final_phase})
 - compress: {report.compress.note}
 - distill: recipe `{r.name}` — {report.distill.iterations:,} iterations, loss `{r.loss}` (α = {r.alpha}),
-  AdaMax lr {r.lr:g} ({r.schedule}, warm-up {r.warmup:.0%}), student init `{r.student_init}`,
+  the last {r.l2_finish:.0%} on L2 to the ground truth, AdaMax lr {r.lr:g} ({r.schedule}, warm-up
+  {r.warmup:.0%}), student init `{r.student_init}`,
   {report.distill.precision}, EMA {report.distill.ema_decay:.4f}
   (best held-out PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
 {budget_line}

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from core.losses import (
     charbonnier_loss,
+    distill_loss_parts,
     distillation_loss,
     gaussian_blur5,
     high_frequency,
@@ -71,6 +72,15 @@ def test_kd_parts_add_up_and_alpha_weights_l1_only() -> None:
     assert float(parts.teacher_hf) == pytest.approx(REF_LAP_HF, abs=1e-9)
     assert float(parts.total) == pytest.approx(0.3 * float(parts.l1) + REF_DIS, abs=1e-9)
     assert set(parts.as_floats()) == {"total", "l1", "teacher", "teacher_hf"}
+
+
+def test_ground_truth_losses_need_no_teacher() -> None:
+    x, gt = reference_inputs()
+    l2 = distill_loss_parts("l2_gt", x, None, gt)
+    assert float(l2.total) == pytest.approx(float(((x - gt) ** 2).mean()), abs=1e-12)
+    assert float(l2.l1) == pytest.approx(float(distill_loss_parts("l1_gt", x, None, gt).total), abs=1e-12)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        distill_loss_parts("pixel_hf", x, None, gt)
 
 
 def test_float32_matches_float64_references() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from core.data.datasets import TrainImages, holdout_split
 from core.data.sample import sample_dir
-from core.distill.stage import teacher_outputs, with_ground_truth
+from core.distill.stage import DistillConfig, loss_at, teacher_outputs, with_ground_truth
 from core.errors import Canceled
 from core.job import JobConfig, JobParams
 from core.loop import resolve_precision
@@ -83,6 +83,14 @@ def test_budget_to_iterations_arithmetic():
     assert BudgetPlan(**json.loads(plan.model_dump_json())) == plan
 
 
+def test_the_l2_finish_is_the_last_fraction_of_the_run():
+    config = DistillConfig(iterations=1000, loss="l1_gt", l2_finish=0.25)
+    losses = [loss_at(config, k) for k in range(1, 1001)]
+    assert losses.index("l2_gt") == 750 and losses[-1] == "l2_gt"  # steps 751…1000, 250 of them
+    assert losses.count("l2_gt") == 250 and set(losses[:750]) == {"l1_gt"}
+    assert {loss_at(DistillConfig(iterations=7, loss="paper"), k) for k in range(1, 8)} == {"paper"}
+
+
 # --- recipes and the job's parameters ------------------------------------------------------------------
 
 
@@ -102,10 +110,12 @@ def test_fast_is_the_default_and_every_knob_stays_overridable():
     params = JobParams(model="rlfn_s", scale=2)
     assert params.recipe == "fast" and params.resolved_recipe() == RECIPES["fast"]
     recipe = JobParams(
-        model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="blend", lr_schedule="linear", alpha=0.3
-    ).resolved_recipe()
+        model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="blend", lr_schedule="linear", alpha=0.3,
+        l2_finish=0.1,
+    ).resolved_recipe()  # fmt: skip
     assert (recipe.lr, recipe.loss, recipe.schedule, recipe.alpha) == (5e-4, "blend", "linear", 0.3)
-    assert recipe.overridden == ["alpha", "loss", "lr", "schedule"]
+    assert recipe.l2_finish == 0.1
+    assert recipe.overridden == ["alpha", "l2_finish", "loss", "lr", "schedule"]
 
 
 def test_a_student_of_another_family_starts_from_scratch():

@@ -65,6 +65,9 @@ class DistillConfig(BaseModel):
 
     iterations: int = Field(2000, ge=1)
     loss: str = Field("paper", description="one of core.losses.DISTILL_LOSSES")
+    l2_finish: float = Field(
+        0.0, ge=0, lt=1, description="the last this fraction of the run trains on L2 to the ground truth"
+    )
     alpha: float = Field(0.1, ge=0, description="weight of L1(student, GT) in the paper / pixel_hf losses")
     lr: float = Field(1e-4, gt=0)
     optimizer: Literal["adamax", "adam_code_compat"] = "adamax"
@@ -86,6 +89,14 @@ class DistillConfig(BaseModel):
         if loss not in DISTILL_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
         return loss
+
+
+def loss_at(config: DistillConfig, iteration: int) -> str:
+    """The loss of step `iteration`: the run's, then over its last `l2_finish` the mean squared error to
+    the ground truth. PSNR is a function of that error; L1 trains faster early on, and a short
+    L2 finish at the decayed lr then spends the last steps on the metric itself."""
+    finish_from = config.iterations - round(config.l2_finish * config.iterations)
+    return "l2_gt" if iteration > finish_from else config.loss
 
 
 def make_optimizer(model: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
@@ -145,6 +156,7 @@ def train_step(
     the loss and the update in fp32). Teacher targets come from `targets` when given, else from
     running the teacher on the batch."""
     precision = resolve_precision(config.precision, device)
+    loss = loss_at(config, iteration)
     if targets is not None:
         lr_batch, hr_batch, teacher_batch = data.batch(iteration, extra=targets)
         teacher_out = to_device(teacher_batch, device)
@@ -154,11 +166,11 @@ def train_step(
     lr_batch, hr_batch = to_device(lr_batch, device), to_device(hr_batch, device)
     with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
         out = student(lr_batch)
-        if teacher_out is None and loss_needs_teacher(config.loss):
+        if teacher_out is None and loss_needs_teacher(loss):
             with torch.no_grad():
                 teacher_out = teacher(lr_batch)
     teacher_out = None if teacher_out is None else teacher_out.float()
-    parts = distill_loss_parts(config.loss, out.float(), teacher_out, hr_batch, alpha=config.alpha)
+    parts = distill_loss_parts(loss, out.float(), teacher_out, hr_batch, alpha=config.alpha)
     if torch.isfinite(parts.total):  # a non-finite loss is the caller's to report, not to apply
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(parts.total).backward()
