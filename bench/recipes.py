@@ -25,6 +25,7 @@ VARIANTS: dict[str, dict] = {
     "paper": {"recipe": "paper"},  # the paper's recipe, whole: scratch, 1e-4, Laplacian KD, step decay
     # the loss, all else as `fast`
     "l1_gt": {"distill_loss": "l1_gt"},
+    "pixel_hf": {"distill_loss": "pixel_hf"},
     "l1_teacher": {"distill_loss": "l1_teacher"},
     "blend": {"distill_loss": "blend"},
     "paper_loss": {"distill_loss": "paper"},

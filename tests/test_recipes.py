@@ -118,6 +118,16 @@ def test_fast_is_the_default_and_every_knob_stays_overridable():
     assert recipe.overridden == ["alpha", "l2_finish", "loss", "lr", "schedule"]
 
 
+def test_fast_trains_against_the_teacher_from_a_long_budget_on():
+    def loss(**fields):
+        return JobParams(model="rlfn_s", scale=2, **fields).resolved_recipe()
+
+    assert loss(budget_minutes=29.9).loss == "l1_gt" and loss().loss == "l1_gt"
+    assert loss(budget_minutes=30).loss == "pixel_hf" and loss(budget_minutes=30).overridden == []
+    assert loss(budget_minutes=120, distill_loss="blend").loss == "blend"  # the job's own choice wins
+    assert loss(budget_minutes=120, recipe="paper").loss == "paper"
+
+
 def test_a_student_of_another_family_starts_from_scratch():
     params = JobParams(model="rlfn_s", scale=2, student_preset="edsr_mini")
     assert params.cross_family_student and params.resolved_recipe().student_init == "scratch"
