@@ -185,7 +185,8 @@ def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bf16():
     fallback = resolve_precision("bf16", cpu, cpu_bf16=False)
     assert fallback.dtype is None and fallback.name == "fp32" and "lacks native bf16" in fallback.reason
     assert resolve_precision("bf16", cpu, cpu_bf16=True).dtype == torch.bfloat16
-    assert resolve_precision("auto", cpu, cpu_bf16=True).dtype is None  # auto on a CPU: fp32
+    assert resolve_precision("auto", cpu, cpu_bf16=True).dtype == torch.bfloat16
+    assert resolve_precision("auto", cpu, cpu_bf16=False).dtype is None
     assert resolve_precision("fp16", cpu).dtype is None
 
 
