@@ -6,8 +6,8 @@ as a budgeted job measures the step it plans with (`core.distill.stage.measure_d
 The step is the `fast` recipe's (L1 to the ground truth, AdaMax 2e-3, EMA, channels-last, batch 16, LR
 patch 48) on an rlfn student of the RLFN-S ×2 teacher's family (20,1,4: the ≤ 45,000-param student of
 bench/quality.py). On a CPU without native bf16 (AVX512-BF16 or AMX) bf16 falls back to fp32 and the
-script says so. Speed only: what bf16 does to the student's quality needs bench/recipes.py's `bf16`
-variant beside `fast` at equal wall clock.
+script says so. Speed only: what bf16 does to the student's quality needs bench/recipes.py's `fp32`
+and `bf16` variants side by side at equal wall clock.
 """
 
 from __future__ import annotations

@@ -43,8 +43,10 @@ VARIANTS: dict[str, dict] = {
     "patch64": {"patch_size": 64},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},
-    # precision (falls back to fp32, and says so, where the CPU lacks native bf16)
+    # precision (`auto`, fast's own, is bf16 where the CPU has native bf16; bf16 falls back to fp32,
+    # and says so, where it lacks it)
     "bf16": {"precision": "bf16"},
+    "fp32": {"precision": "fp32"},
 }
 
 

@@ -62,7 +62,9 @@ class JobParams(BaseModel):
     )
     lr_schedule: LrSchedule | None = None
     warmup: float | None = Field(None, ge=0, lt=1, description="lr warm-up, fraction of the run")
-    precision: Precision | None = Field(None, description="training precision (auto: bf16 on GPUs)")
+    precision: Precision | None = Field(
+        None, description="training precision (auto: bf16 on GPUs and on CPUs with native bf16)"
+    )
     student_init: StudentInit | None = Field(
         None, description="scratch (the paper) or inherit the pruned teacher's weights"
     )

@@ -155,6 +155,7 @@ def write_card(report: CompressionReport, path: Path) -> None:
         if b is not None
         else ""
     )
+    l2_finish_line = f"the last {r.l2_finish:.0%} on L2 to the ground truth, " if r.l2_finish else ""
     text = f"""# srcompress compact model: {s.config["family"]} ×{p.scale}
 
 A compact super-resolution model made by srcompress from the teacher `{p.model}`
@@ -185,7 +186,7 @@ The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from
   (final phase: {report.prune.final_phase})
 - compress: {report.compress.note}
 - distill: recipe `{r.name}` — {report.distill.iterations:,} iterations, loss `{r.loss}` (α = {r.alpha}),
-  the last {r.l2_finish:.0%} on L2 to the ground truth, AdaMax lr {r.lr:g} ({r.schedule}, warm-up
+  {l2_finish_line}AdaMax lr {r.lr:g} ({r.schedule}, warm-up
   {r.warmup:.0%}), student init `{r.student_init}`,
   {report.distill.precision}, EMA {report.distill.ema_decay:.4f}
   (best held-out PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
