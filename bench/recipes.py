@@ -41,6 +41,9 @@ VARIANTS: dict[str, dict] = {
     # batch × patch
     "batch32": {"batch_size": 32},
     "patch64": {"patch_size": 64},
+    # a capacity-bound student on a long budget: larger patches (ESA's pooled map sees 9x9 instead of
+    # 6x6 cells of context) and the last quarter on PSNR's own loss
+    "patch64_l2": {"patch_size": 64, "l2_finish": 0.25},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},
     # precision (`auto`, fast's own, is bf16 where the CPU has native bf16; bf16 falls back to fp32,
