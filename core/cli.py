@@ -354,8 +354,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["cosine", "linear", "step"], help="lr schedule")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="training precision")
     p.add_argument("--holdout", type=int, help="training images held out to choose the checkpoint")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--patch-size", type=int, help="LR patch size (default 48)")
+    p.add_argument("--batch-size", type=int, help="patches per step (default: the recipe's)")
+    p.add_argument("--patch-size", type=int, help="LR patch size (default: the recipe's)")
     p.add_argument("--rounding", choices=["paper-compat", "nearest", "floor"])
     p.add_argument("--no-teacher-cache", action="store_true", help="run the teacher at every KD step")
     p.add_argument(

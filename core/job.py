@@ -74,9 +74,11 @@ class JobParams(BaseModel):
     rescales: list[Annotated[float, Field(gt=0, lt=1)]] | None = Field(
         None, max_length=4, description="also train on the images downscaled by these factors"
     )
-    batch_size: int = Field(16, ge=1, le=1024)
-    patch_size: int = Field(
-        48, ge=16, le=512, description="LR patch size (HR = patch × scale); multiple of 8"
+    batch_size: int | None = Field(
+        None, ge=1, le=1024, description="training patches per step (default: the recipe's)"
+    )
+    patch_size: int | None = Field(
+        None, ge=16, le=512, description="LR patch side, a multiple of 8 (default: the recipe's)"
     )
     nb_rounding: Literal["nearest", "floor", "paper-compat"] = "paper-compat"
     channel_multiple: int | None = Field(None, ge=1, le=1024)
@@ -97,7 +99,7 @@ class JobParams(BaseModel):
     def _check(self) -> JobParams:
         if self.target_params is not None and self.target_gmacs is not None:
             raise ValueError("give at most one of target_params and target_gmacs")
-        if self.patch_size % 8:
+        if self.patch_size is not None and self.patch_size % 8:
             raise ValueError(
                 f"patch_size must be a multiple of 8 (HR patches feed a 5-level pyramid), "
                 f"got {self.patch_size}"

@@ -164,8 +164,8 @@ def run_pipeline(
         train = TrainImages(
             train_paths,
             config.scale,
-            lr_patch=config.patch_size,
-            batch_size=config.batch_size,
+            lr_patch=recipe.patch_size,
+            batch_size=recipe.batch_size,
             seed=config.seed,
             rescales=recipe.rescales,
         )
@@ -291,6 +291,8 @@ def run_pipeline(
                     "iterations": iterations,
                     "validate_every": validate_every,
                     "max_seconds": plan.distill_seconds if plan is not None else None,
+                    "replan": plan is not None,
+                    "reserve_seconds": plan.validations * plan.validation_seconds if plan else 0.0,
                 }
             )
             student, distill = run_distill(
@@ -306,10 +308,12 @@ def run_pipeline(
                 targets=targets,
                 val_name="holdout",
             )
+            if distill.replan is not None:
+                log.info("distillation re-planned: %s", distill.replan.model_dump_json())
             if distill.stopped_early:
                 log.warning(
                     "the budget ended after %d of %d planned iterations (steps ran slower than measured)",
-                    distill.iterations, iterations,
+                    distill.iterations, distill.replan.iterations if distill.replan else iterations,
                 )  # fmt: skip
             save_model(student, student_dir)
             state.put("distilling", distill, time.perf_counter() - began)

@@ -146,11 +146,17 @@ def write_card(report: CompressionReport, path: Path) -> None:
         if p.target_gmacs
         else "the pruned density"
     )
-    b = report.budget
+    b, replan = report.budget, report.distill.replan
+    replan_clause = (
+        f", re-planned after {replan.at_iteration:,} of them at {replan.step_seconds * 1000:.0f} ms a step "
+        f"to {replan.iterations:,}"
+        if replan is not None
+        else ""
+    )
     budget_line = (
         f"- time budget: {b.budget_seconds / 60:g} min → {b.prune_iters:,} pruning and {b.distill_iters:,} "
-        f"distillation iterations (measured: {b.distill_step_seconds * 1000:.0f} ms a step); the teacher "
-        f"labelled {b.labelled_images if b.labelled_images is not None else 'no'} of "
+        f"distillation iterations (measured: {b.distill_step_seconds * 1000:.0f} ms a step){replan_clause}; "
+        f"the teacher labelled {b.labelled_images if b.labelled_images is not None else 'no'} of "
         f"{report.holdout.training_images} training images, the others kept their ground truth\n"
         if b is not None
         else ""
@@ -187,7 +193,7 @@ The checkpoint was chosen on {len(report.holdout.images)} image(s) held out from
 - compress: {report.compress.note}
 - distill: recipe `{r.name}` — {report.distill.iterations:,} iterations, loss `{r.loss}` (α = {r.alpha}),
   {l2_finish_line}AdaMax lr {r.lr:g} ({r.schedule}, warm-up
-  {r.warmup:.0%}), student init `{r.student_init}`,
+  {r.warmup:.0%}), batch {r.batch_size} × LR patch {r.patch_size}, student init `{r.student_init}`,
   {report.distill.precision}, EMA {report.distill.ema_decay:.4f}
   (best held-out PSNR {report.distill.best_psnr:.3f} dB at iteration {report.distill.best_iteration})
 {budget_line}

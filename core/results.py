@@ -75,8 +75,18 @@ class LossPoint(BaseModel):
     teacher_hf: float = 0.0
 
 
-class DistillResult(BaseModel):
+class Replan(BaseModel):
+    """A budgeted run's length, re-planned at the end of its warm-up from the loop's own step time."""
+
+    at_iteration: int
+    step_seconds: float
     iterations: int
+
+
+class DistillResult(BaseModel):
+    iterations: int  # the steps taken
+    planned_iterations: int | None = None  # before any re-plan
+    replan: Replan | None = None
     stopped_early: bool
     best_iteration: int
     best_psnr: float

@@ -2,8 +2,10 @@
 
 Every schedule of a training run is stated as a fraction of its iteration count — lr warm-up and decay,
 EMA horizon, validation cadence — so that a run of any length, 300 iterations or 800k, ends with a
-finished schedule. A time budget is turned into iteration counts once, from step times measured on
-this machine, and recorded: the schedule is then exact and a resumed run repeats it bit for bit.
+finished schedule. A time budget is turned into iteration counts from step times measured on this
+machine, and recorded: the schedule is then exact and a resumed run repeats it bit for bit. The
+distillation count is planned from seconds of steps before training and re-planned once, from the
+loop's own steps, at the end of its lr warm-up (before any decay depends on it).
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ from pydantic import BaseModel, Field
 LrSchedule = Literal["step", "cosine", "linear"]
 
 
+def warmup_steps(warmup: float, total: int) -> int:
+    """The lr warm-up of a `total`-step run: its first ⌈warmup·total⌉ steps."""
+    return math.ceil(warmup * total) if warmup > 0 else 0
+
+
 def lr_factor(
     step: int,
     total: int,
     schedule: LrSchedule,
-    warmup: float = 0.0,
+    warm: int = 0,
     milestones: tuple[int, ...] = (),
 ) -> float:
     """The lr multiplier of optimizer step `step` (1-based) of `total`.
 
-    Linear warm-up over the first ⌈warmup·total⌉ steps (reaching 1 at the last warm-up step), then:
-    `step`: ×0.5 at each milestone (the paper's recipe); `cosine` / `linear`: decay from 1 to exactly 0
-    at the last step.
+    Linear warm-up over the first `warm` steps (reaching 1 at the last warm-up step), then: `step`:
+    ×0.5 at each milestone (the paper's recipe); `cosine` / `linear`: decay from 1 to exactly 0 at the
+    last step. The warm-up is a step count rather than a fraction so that a run re-planned at its end
+    (a budgeted run, see core.distill.stage) keeps the steps it already took.
     """
-    warm = math.ceil(warmup * total) if warmup > 0 else 0
     if step <= warm:
         return step / warm
     if schedule == "step":

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from core.data.datasets import TrainImages, holdout_split
 from core.data.sample import sample_dir
-from core.distill.stage import DistillConfig, loss_at, teacher_outputs, with_ground_truth
+from core.distill.stage import DistillConfig, loss_at, replanned, teacher_outputs, with_ground_truth
 from core.errors import Canceled
 from core.job import JobConfig, JobParams
 from core.loop import resolve_precision
@@ -34,6 +34,7 @@ from core.schedule import (
     lr_factor,
     plan_pruning,
     validate_every_for,
+    warmup_steps,
 )
 
 # --- schedules ----------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ from core.schedule import (
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
 def test_decay_ends_exactly_at_the_last_iteration(schedule):
     total = 1000
-    factors = [lr_factor(k, total, schedule, warmup=0.02) for k in range(1, total + 1)]
+    factors = [lr_factor(k, total, schedule, warmup_steps(0.02, total)) for k in range(1, total + 1)]
     assert factors[total - 1] == 0.0  # the last step
     assert factors[total - 2] > 0.0  # and not before
     assert all(a >= b for a, b in zip(factors[20:], factors[21:], strict=False))  # monotone decay
@@ -51,10 +52,11 @@ def test_decay_ends_exactly_at_the_last_iteration(schedule):
 
 def test_warmup_is_a_fraction_of_the_run_and_reaches_the_peak_at_its_last_step():
     for total in (50, 1000, 34_000):
-        warm = math.ceil(0.02 * total)
-        assert lr_factor(1, total, "cosine", warmup=0.02) == pytest.approx(1 / warm)
-        assert lr_factor(warm, total, "cosine", warmup=0.02) == 1.0
-        assert lr_factor(warm + 1, total, "cosine", warmup=0.02) < 1.0
+        warm = warmup_steps(0.02, total)
+        assert warm == math.ceil(0.02 * total) and warmup_steps(0.0, total) == 0
+        assert lr_factor(1, total, "cosine", warm) == pytest.approx(1 / warm)
+        assert lr_factor(warm, total, "cosine", warm) == 1.0
+        assert lr_factor(warm + 1, total, "cosine", warm) < 1.0
 
 
 def test_step_schedule_halves_at_each_milestone():
@@ -118,14 +120,28 @@ def test_fast_is_the_default_and_every_knob_stays_overridable():
     assert recipe.overridden == ["alpha", "l2_finish", "loss", "lr", "schedule"]
 
 
-def test_fast_trains_against_the_teacher_from_a_long_budget_on():
-    def loss(**fields):
+def test_fast_changes_with_the_time_budget_unless_the_job_says_otherwise():
+    def recipe(**fields):
         return JobParams(model="rlfn_s", scale=2, **fields).resolved_recipe()
 
-    assert loss(budget_minutes=29.9).loss == "l1_gt" and loss().loss == "l1_gt"
-    assert loss(budget_minutes=30).loss == "pixel_hf" and loss(budget_minutes=30).overridden == []
-    assert loss(budget_minutes=120, distill_loss="blend").loss == "blend"  # the job's own choice wins
-    assert loss(budget_minutes=120, recipe="paper").loss == "paper"
+    def tiered(r):
+        return r.loss, r.patch_size, r.l2_finish
+
+    assert tiered(recipe()) == tiered(recipe(budget_minutes=29.9)) == ("l1_gt", 48, 0.0)
+    assert tiered(recipe(budget_minutes=30)) == tiered(recipe(budget_minutes=59)) == ("pixel_hf", 48, 0.0)
+    assert tiered(recipe(budget_minutes=60)) == ("pixel_hf", 64, 0.25)
+    assert recipe(budget_minutes=60).overridden == []
+    # the job's own values win over every tier
+    own = recipe(budget_minutes=120, distill_loss="blend", patch_size=32, l2_finish=0.0)
+    assert tiered(own) == ("blend", 32, 0.0) and own.overridden == ["l2_finish", "loss", "patch_size"]
+    assert tiered(recipe(budget_minutes=120, recipe="paper")) == ("paper", 48, 0.0)
+
+
+def test_a_budget_tier_may_only_change_recipe_values():
+    with pytest.raises(ValidationError, match="unknown values"):
+        RECIPES["fast"].model_validate(
+            {**RECIPES["fast"].model_dump(), "budget_tiers": [{"minutes": 5, "changes": {"lr_typo": 1}}]}
+        )
 
 
 def test_a_student_of_another_family_starts_from_scratch():
@@ -232,15 +248,17 @@ def budget_config(teacher: Path, crops: Path, **changes) -> JobConfig:
 @pytest.mark.slow
 def test_a_budgeted_job_resolves_to_fast_and_reports_the_gap(tmp_path, shared_weights, crops):
     report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
-    assert report.recipe == RECIPES["fast"]
+    small = {"batch_size": 2, "patch_size": 16}  # the only values the job set, to keep the test quick
+    assert report.recipe == RECIPES["fast"].model_copy(update={**small, "overridden": sorted(small)})
     plan = report.budget
     assert plan is not None and plan.budget_seconds == 9.0
     assert report.prune.iterations == plan.prune_iters >= 1
-    # Every planned iteration ran, unless the machine slowed down after measuring (then the budget's
-    # deadline cut the run short, and the report says so).
-    assert plan.distill_iters >= 1
-    assert report.distill.iterations == plan.distill_iters or (
-        report.distill.stopped_early and report.distill.iterations < plan.distill_iters
+    # Every planned (or re-planned) iteration ran, unless the machine slowed down after measuring
+    # (then the budget's deadline cut the run short, and the report says so).
+    assert plan.distill_iters >= 1 and report.distill.planned_iterations == plan.distill_iters
+    final = report.distill.replan.iterations if report.distill.replan else plan.distill_iters
+    assert report.distill.iterations == final or (
+        report.distill.stopped_early and report.distill.iterations < final
     )
     expected = math.floor(
         (9.0 - plan.spent_before_distill_seconds - plan.validations * plan.validation_seconds)
@@ -280,6 +298,8 @@ def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops,
     step timings are fixed so that the plan has a few iterations however busy the machine is."""
     monkeypatch.setattr("core.pipeline.measure_prune_step", lambda *args, **kwargs: 3.0)
     monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 10.0)
+    # and the re-plan after the warm-up (its 2nd step) to 6 more: it is recorded, so both runs agree
+    monkeypatch.setattr("core.distill.stage.iterations_within", lambda seconds, step_seconds: 6)
     teacher = shared_weights / "RLFN_s_x2.pth"
     config = budget_config(teacher, crops, checkpoint_every=2, distill_loss="pixel_hf", budget_minutes=2)
     killed = tmp_path / "killed"
@@ -305,10 +325,35 @@ def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops,
     fresh.mkdir()
     (fresh / "state.json").write_text(json.dumps({"results": {}, "seconds": {}, "plan": plan}))
     straight = run_pipeline(config, fresh)
-    assert resumed.distill.iterations == straight.distill.iterations == plan["distill_iters"]
+    assert resumed.distill.planned_iterations == straight.distill.planned_iterations == plan["distill_iters"]
+    assert resumed.distill.replan == straight.distill.replan and straight.distill.replan.at_iteration == 2
+    assert resumed.distill.iterations == straight.distill.iterations == 2 + 6
     a = load_file(killed / "out" / "model.safetensors")
     b = load_file(fresh / "out" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_plan_from_a_pessimistic_measurement_is_replanned_to_fill_the_budget(
+    tmp_path, shared_weights, crops, monkeypatch
+):
+    """A step measured far slower than it runs (here 1 s) plans a handful of iterations; the run
+    re-plans after its warm-up from the steps it took, to many more, and still ends within the budget."""
+    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 1.0)
+    report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
+    plan, distill = report.budget, report.distill
+    assert distill.planned_iterations == plan.distill_iters and distill.replan is not None
+    assert distill.replan.at_iteration == 2 and distill.replan.step_seconds < 1.0
+    assert distill.replan.iterations > 2 * plan.distill_iters
+    assert distill.iterations == distill.replan.iterations or distill.stopped_early
+    assert distill.seconds < plan.budget_seconds - plan.spent_before_distill_seconds + 2.0
+    assert "re-planned after 2 of them" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+
+
+def test_a_replanned_run_keeps_its_number_of_validations():
+    config = DistillConfig(iterations=270, validate_every=27, loss="l1_gt")
+    assert replanned(config, 540).validate_every == 54 and replanned(config, 540).iterations == 540
+    assert replanned(config.model_copy(update={"validate_every": 0}), 540).validate_every == 0
 
 
 @pytest.mark.slow

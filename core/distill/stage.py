@@ -17,6 +17,7 @@ a finished schedule. A loss that stops being finite ends the stage with `Diverge
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +52,8 @@ from core.loop import (
 )
 from core.losses import LossParts, distill_loss_parts
 from core.recipe import DISTILL_LOSSES, loss_needs_teacher
-from core.results import DistillResult, LossPoint, ValPoint
-from core.schedule import LrSchedule, ema_decay_for, lr_factor
+from core.results import DistillResult, LossPoint, Replan, ValPoint
+from core.schedule import LrSchedule, ema_decay_for, iterations_within, lr_factor, warmup_steps
 
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
 DEFAULT_MILESTONES = {"edsr": [0.25], "swinir": [0.3125, 0.5, 0.5625], "rlfn": [0.25, 0.5, 0.75]}
@@ -82,6 +83,12 @@ class DistillConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     max_seconds: float | None = Field(None, gt=0, description="stop early after this wall-clock budget")
+    replan: bool = Field(
+        False,
+        description="re-plan `iterations` once, at the end of the warm-up, to fill `max_seconds` less "
+        "`reserve_seconds` at the step time the loop itself measured",
+    )
+    reserve_seconds: float = Field(0.0, ge=0, description="what validations will take of `max_seconds`")
 
     @field_validator("loss")
     @classmethod
@@ -89,6 +96,29 @@ class DistillConfig(BaseModel):
         if loss not in DISTILL_LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(DISTILL_LOSSES)}")
         return loss
+
+
+# A budgeted run re-plans at the end of its lr warm-up, and no earlier than this share of its first plan,
+# from the steps of the second half of that stretch (the first ones pay for oneDNN's primitive set-up).
+REPLAN_SHARE = 0.02
+
+
+def replan_point(config: DistillConfig, warm: int) -> int | None:
+    """The iteration after which a budgeted run re-plans its length (None: it does not)."""
+    if not config.replan or config.max_seconds is None:
+        return None
+    return max(warm, math.ceil(REPLAN_SHARE * config.iterations), 2)
+
+
+def milestones_at(fractions: Sequence[float], total: int) -> tuple[int, ...]:
+    """The `step` schedule's milestones of a `total`-step run."""
+    return tuple(sorted({max(1, round(f * total)) for f in fractions}))
+
+
+def replanned(config: DistillConfig, total: int) -> DistillConfig:
+    """The run at its re-planned length; its validations keep their count."""
+    every = math.ceil(config.validate_every * total / config.iterations) if config.validate_every else 0
+    return config.model_copy(update={"iterations": total, "validate_every": every})
 
 
 def loss_at(config: DistillConfig, iteration: int) -> str:
@@ -229,16 +259,20 @@ def run_distill(
         raise ValueError(f"the {config.loss!r} loss needs a teacher")
     family = student.config.family
     fractions = config.lr_milestones if config.lr_milestones is not None else DEFAULT_MILESTONES[family]
-    milestones = sorted({max(1, round(f * config.iterations)) for f in fractions})
+    planned = config.iterations  # a budgeted run may re-plan its length once (replan_point)
+    warm = warmup_steps(config.warmup, planned)
+    replan_at = replan_point(config, warm)
     precision = resolve_precision(config.precision, device)
     student = student.to(device, memory_format=CHANNELS_LAST).train()
-    ema_decay = ema_decay_for(config.iterations, config.ema_decay, config.ema_horizon)
+    ema_decay = ema_decay_for(planned, config.ema_decay, config.ema_horizon)
     ema = EMA(student, ema_decay)
     optimizer = make_optimizer(student, config)
+    # `config` and `milestones` are rebound on a re-plan; the lambda reads the current ones.
+    milestones = milestones_at(fractions, planned)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         # LambdaLR asks for step k's factor before step k + 1 (k = 0 at construction).
-        lambda k: lr_factor(k + 1, config.iterations, config.schedule, config.warmup, tuple(milestones)),
+        lambda k: lr_factor(k + 1, config.iterations, config.schedule, warm, milestones),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaler)
     if teacher is not None:
@@ -247,6 +281,7 @@ def run_distill(
     path = workdir / f"{stage}.pt"
     best_path = workdir / f"{stage}_best.pt"
     start, elapsed, cache_seconds = 0, 0.0, 0.0
+    replan: Replan | None = None
     val_curve: list[ValPoint] = []
     loss_curve: list[LossPoint] = []
     best = ValPoint(iteration=0, psnr=float("-inf"), ssim=0.0)
@@ -262,6 +297,12 @@ def run_distill(
         val_curve = [ValPoint(**p) for p in state["val_curve"]]
         loss_curve = [LossPoint(**p) for p in state["loss_curve"]]
         best = ValPoint(**state["best"])
+        if state.get("replan") is not None:  # the run was re-planned before this checkpoint
+            replan = Replan(**state["replan"])
+            config = replanned(config, replan.iterations)
+            milestones = milestones_at(fractions, config.iterations)
+    if replan is not None or (replan_at is not None and start >= replan_at):
+        replan_at = None
 
     # The stage's wall clock (and max_seconds) includes computing the teacher cache: the fast loop
     # pays for it up front.
@@ -283,6 +324,10 @@ def run_distill(
     )
     loop_began = time.perf_counter()
     iteration, stopped_early = start, False
+    validation_seconds = 0.0
+    # The re-plan times the steps after `replan_from`, validations excluded (see REPLAN_SHARE).
+    replan_from = max(replan_at // 2, start) if replan_at is not None else None
+    window = (loop_began, 0.0)
     last_finite = float("nan")
     while iteration < config.iterations:
         check_cancel(should_cancel)
@@ -295,7 +340,21 @@ def run_distill(
                 f"(last finite loss {last_finite:.6g}); lower the lr ({config.lr:g}) or the loss weights"
             )
         last_finite = loss_value
-        scheduler.step()
+        if iteration == replan_from:
+            window = (time.perf_counter(), validation_seconds)
+        if iteration == replan_at:
+            now = time.perf_counter()
+            step_seconds = (now - window[0] - (validation_seconds - window[1])) / (replan_at - replan_from)
+            left = config.max_seconds - (now - began) - config.reserve_seconds
+            replan = Replan(
+                at_iteration=iteration,
+                step_seconds=step_seconds,
+                iterations=iteration + iterations_within(left, step_seconds),
+            )
+            config = replanned(config, replan.iterations)
+            milestones = milestones_at(fractions, config.iterations)
+            every.validate = config.validate_every
+        scheduler.step()  # the next step's lr, from the re-planned length if it just changed
         ema.update(student, iteration)
 
         over_time = config.max_seconds is not None and time.perf_counter() - began >= config.max_seconds
@@ -310,7 +369,9 @@ def run_distill(
             metrics["elapsed_s"] = round(time.perf_counter() - began, 1)
             metrics["eta_s"] = round(run_seconds / (iteration - start) * (last - iteration), 1)
         if val is not None and every.due(every.validate, iteration, last):
+            validation_began = time.perf_counter()
             point = validate(iteration)
+            validation_seconds += time.perf_counter() - validation_began
             val_curve.append(point)
             metrics["val_psnr"] = point.psnr
             if point.psnr > best.psnr:
@@ -318,10 +379,11 @@ def run_distill(
                 save_checkpoint(best_path, {"ema": ema.model.state_dict(), "iteration": iteration})
         if metrics:
             on_progress(stage, iteration / last, metrics)  # 1.0 at a deadline too
-        if every.due(every.checkpoint, iteration, last):
+        if every.due(every.checkpoint, iteration, last) or iteration == replan_at:
             save_loop(
                 path, iteration, began, stateful,
                 cache_seconds=cache_seconds,
+                replan=replan.model_dump() if replan is not None else None,
                 val_curve=[p.model_dump() for p in val_curve],
                 loss_curve=[p.model_dump() for p in loss_curve],
                 best=best.model_dump(),
@@ -337,6 +399,8 @@ def run_distill(
         best = ValPoint(iteration=iteration, psnr=float("nan"), ssim=float("nan"))
     result = DistillResult(
         iterations=iteration,
+        planned_iterations=planned,
+        replan=replan,
         stopped_early=stopped_early,
         best_iteration=best.iteration,
         best_psnr=best.psnr,
@@ -346,7 +410,7 @@ def run_distill(
         seconds=seconds,
         teacher_cache_seconds=cache_seconds,
         iterations_per_second=(iteration - start) / max(time.perf_counter() - loop_began, 1e-9),
-        lr_milestones=milestones if config.schedule == "step" else [],
+        lr_milestones=list(milestones) if config.schedule == "step" else [],
         loss=config.loss,
         schedule=config.schedule,
         ema_decay=ema_decay,
