@@ -278,19 +278,17 @@ def run_pipeline(
                 )
                 log.info("budget plan (distillation): %s", plan.model_dump_json())
             iterations = plan.distill_iters if plan is not None else recipe.distill_iters
-            validate_every = (
-                config.validate_every
-                if config.validate_every is not None
-                else validate_every_for(iterations, validations)
-            )
-            # A budget is a deadline: should the machine slow down after the plan was measured (a
-            # shared VM drifts by tens of percent), distillation stops at the budget's end with the
-            # schedule's tail cut and says so (`stopped_early`), instead of overrunning.
+            validate_every = config.validate_every
+            if validate_every is None:
+                validate_every = validate_every_for(iterations, validations)
+            # A budget is re-planned once from the loop's own steps, and is a deadline: should the
+            # machine slow down after that (a shared VM drifts by tens of percent), distillation stops
+            # at the budget's end with the schedule's tail cut, says so (`stopped_early`).
             distill_config = distill_config.model_copy(
                 update={
                     "iterations": iterations,
                     "validate_every": validate_every,
-                    "max_seconds": plan.distill_seconds if plan is not None else None,
+                    "max_seconds": plan.distill_seconds if plan else None,
                     "replan": plan is not None,
                     "reserve_seconds": plan.validations * plan.validation_seconds if plan else 0.0,
                 }
@@ -308,8 +306,7 @@ def run_pipeline(
                 targets=targets,
                 val_name="holdout",
             )
-            if distill.replan is not None:
-                log.info("distillation re-planned: %s", distill.replan.model_dump_json())
+            log.info("distillation re-planned: %s", distill.replan and distill.replan.model_dump_json())
             if distill.stopped_early:
                 log.warning(
                     "the budget ended after %d of %d planned iterations (steps ran slower than measured)",
