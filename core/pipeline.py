@@ -306,7 +306,8 @@ def run_pipeline(
                 targets=targets,
                 val_name="holdout",
             )
-            log.info("distillation re-planned: %s", distill.replan and distill.replan.model_dump_json())
+            if distill.replan is not None:  # a budgeted run: its length from the loop's own steps
+                log.info("distillation re-planned: %s", distill.replan.model_dump_json())
             if distill.stopped_early:
                 log.warning(
                     "the budget ended after %d of %d planned iterations (steps ran slower than measured)",
