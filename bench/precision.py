@@ -51,7 +51,9 @@ def main() -> None:
         for name in PRECISIONS:
             config = DistillConfig(loss="l1_gt", lr=2e-3, precision=name)
             seconds[name].append(
-                measure_distill_step(student, None, data, None, config, device, min_seconds=args.seconds)
+                measure_distill_step(
+                    student, None, data, None, config, device, min_seconds=args.seconds
+                ).seconds
             )
     fp32 = min(seconds["fp32"])
     print("| precision | runs as | s/step (best of turns) | all turns | speed vs fp32 |")

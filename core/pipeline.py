@@ -261,13 +261,14 @@ def run_pipeline(
             validations = recipe.validations if holdout else 0
             if plan is not None and plan.distill_iters == 0:
                 # Seconds of steps, not a handful: a dozen steps read 3-14% fast against the run.
-                step_seconds = measure_distill_step(
+                step_cost = measure_distill_step(
                     student, teacher, train, targets, distill_config, device,
                     min_seconds=min(MEASURE_SECONDS, MEASURE_SHARE * plan.budget_seconds),
                 )  # fmt: skip
                 state.plan = plan = plan.plan_distill(
                     spent_seconds=sum(state.data["seconds"].values()) + time.perf_counter() - began,
-                    step_seconds=step_seconds,
+                    step_cost=step_cost,
+                    finish_share=distill_config.l2_finish,
                     validation_seconds=(
                         _seconds(lambda: evaluate_dataset(student, holdout, config.scale, device))
                         if holdout
@@ -291,21 +292,13 @@ def run_pipeline(
                     "max_seconds": plan.distill_seconds if plan else None,
                     "replan": plan is not None,
                     "reserve_seconds": plan.validations * plan.validation_seconds if plan else 0.0,
+                    "finish_step_ratio": plan.finish_step_ratio if plan else 1.0,
                 }
             )
             student, distill = run_distill(
-                student,
-                teacher,
-                train,
-                holdout or None,
-                distill_config,
-                workdir,
-                device,
-                on_progress,
-                should_cancel,
-                targets=targets,
-                val_name="holdout",
-            )
+                student, teacher, train, holdout or None, distill_config, workdir, device,
+                on_progress, should_cancel, targets=targets, val_name="holdout",
+            )  # fmt: skip
             if distill.replan is not None:  # a budgeted run: its length from the loop's own steps
                 log.info("distillation re-planned: %s", distill.replan.model_dump_json())
             if distill.stopped_early:

@@ -153,9 +153,13 @@ def write_card(report: CompressionReport, path: Path) -> None:
         if replan is not None
         else ""
     )
+    finish_clause = (
+        f", an L2-finish step {b.finish_step_ratio:.2f}× that" if b is not None and r.l2_finish else ""
+    )
     budget_line = (
         f"- time budget: {b.budget_seconds / 60:g} min → {b.prune_iters:,} pruning and {b.distill_iters:,} "
-        f"distillation iterations (measured: {b.distill_step_seconds * 1000:.0f} ms a step){replan_clause}; "
+        f"distillation iterations (measured: {b.distill_step_seconds * 1000:.0f} ms a step{finish_clause})"
+        f"{replan_clause}; "
         f"the teacher labelled {b.labelled_images if b.labelled_images is not None else 'no'} of "
         f"{report.holdout.training_images} training images, the others kept their ground truth\n"
         if b is not None

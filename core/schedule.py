@@ -11,7 +11,7 @@ loop's own steps, at the end of its lr warm-up (before any decay depends on it).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -60,9 +60,22 @@ def validate_every_for(total: int, validations: int) -> int:
     return 0 if validations <= 0 else max(1, math.ceil(total / validations))
 
 
-def iterations_within(seconds: float, step_seconds: float) -> int:
-    """How many steps of `step_seconds` fit in `seconds` (at least 1: a budget always trains)."""
-    return max(1, math.floor(max(seconds, 0.0) / max(step_seconds, 1e-9)))
+def run_length(
+    seconds: float, step_seconds: float, done: int = 0, finish_share: float = 0.0, finish_ratio: float = 1.0
+) -> int:
+    """The length N of a run whose steps after its first `done` fit in `seconds` (at least `done` + 1: a
+    budget always trains), when its last `finish_share`·N steps (the L2 finish) cost `finish_ratio` of
+    the others' `step_seconds`: (N − done − f·N + f·r·N)·t = seconds, for a `done` before the finish."""
+    steps = max(seconds, 0.0) / max(step_seconds, 1e-9) + done
+    return max(done + 1, math.floor(steps / (1.0 - finish_share * (1.0 - finish_ratio))))
+
+
+class StepCost(NamedTuple):
+    """A distillation step's measured seconds, and what an L2-finish step costs relative to it (no
+    teacher target and no high-frequency pyramid: about 0.9 on a 2-core CPU)."""
+
+    seconds: float
+    finish_ratio: float = 1.0
 
 
 class BudgetPlan(BaseModel):
@@ -74,6 +87,7 @@ class BudgetPlan(BaseModel):
     prune_iters: int
     spent_before_distill_seconds: float = 0.0  # pruning, teacher labelling and the measurements
     distill_step_seconds: float = 0.0
+    finish_step_ratio: float = 1.0  # an L2-finish step's cost over distill_step_seconds
     validation_seconds: float = 0.0  # one validation of the student
     validations: int = 0
     distill_iters: int = 0
@@ -89,20 +103,23 @@ class BudgetPlan(BaseModel):
     def plan_distill(
         self,
         spent_seconds: float,
-        step_seconds: float,
+        step_cost: StepCost,
+        finish_share: float,
         validation_seconds: float,
         validations: int,
         labelled_images: int | None = None,
     ) -> BudgetPlan:
-        """The rest of the budget after pruning and labelling, as distillation iterations."""
+        """The rest of the budget after pruning and labelling, as distillation iterations (the last
+        `finish_share` of them priced at the finish step's cost)."""
         left = self.budget_seconds - spent_seconds - validations * validation_seconds
         return self.model_copy(
             update={
                 "spent_before_distill_seconds": spent_seconds,
-                "distill_step_seconds": step_seconds,
+                "distill_step_seconds": step_cost.seconds,
+                "finish_step_ratio": step_cost.finish_ratio,
                 "validation_seconds": validation_seconds,
                 "validations": validations,
-                "distill_iters": iterations_within(left, step_seconds),
+                "distill_iters": run_length(left, step_cost.seconds, 0, finish_share, step_cost.finish_ratio),
                 "labelled_images": labelled_images,
             }
         )
@@ -114,5 +131,5 @@ def plan_pruning(budget_seconds: float, share: float, step_seconds: float) -> Bu
         budget_seconds=budget_seconds,
         prune_share=share,
         prune_step_seconds=step_seconds,
-        prune_iters=iterations_within(share * budget_seconds, step_seconds),
+        prune_iters=run_length(share * budget_seconds, step_seconds),
     )

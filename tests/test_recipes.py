@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 
 from core.data.datasets import TrainImages, holdout_split
 from core.data.sample import sample_dir
-from core.distill.stage import DistillConfig, loss_at, replanned, teacher_outputs, with_ground_truth
+from core.distill.stage import (
+    DistillConfig,
+    loss_at,
+    measure_distill_step,
+    replanned,
+    teacher_outputs,
+    with_ground_truth,
+)
 from core.errors import Canceled
 from core.job import JobConfig, JobParams
 from core.loop import resolve_precision
@@ -29,10 +36,11 @@ from core.pipeline import run_pipeline
 from core.recipe import RECIPES
 from core.schedule import (
     BudgetPlan,
+    StepCost,
     ema_decay_for,
-    iterations_within,
     lr_factor,
     plan_pruning,
+    run_length,
     validate_every_for,
     warmup_steps,
 )
@@ -78,11 +86,20 @@ def test_ema_horizon_and_validation_cadence_scale_with_the_run():
 def test_budget_to_iterations_arithmetic():
     plan = plan_pruning(budget_seconds=600, share=0.05, step_seconds=0.5)
     assert plan.prune_iters == 60  # 5% of 600 s at 0.5 s a step
-    plan = plan.plan_distill(spent_seconds=45.0, step_seconds=0.25, validation_seconds=1.5, validations=10)
-    assert plan.distill_iters == math.floor((600 - 45 - 15) / 0.25) == 2160
+    distill = plan.plan_distill(
+        45.0, StepCost(0.25), finish_share=0.0, validation_seconds=1.5, validations=10
+    )
+    assert distill.distill_iters == math.floor((600 - 45 - 15) / 0.25) == 2160
     # A budget already spent still trains one step; a plan survives a JSON round trip unchanged.
-    assert iterations_within(-3.0, 0.1) == 1
-    assert BudgetPlan(**json.loads(plan.model_dump_json())) == plan
+    assert run_length(-3.0, 0.1) == 1 and run_length(-3.0, 0.1, done=40) == 41
+    assert BudgetPlan(**json.loads(distill.model_dump_json())) == distill
+    # An L2 finish over its last quarter at 0.8 of a step's cost: 0.75·N·0.25 s + 0.25·N·0.2 s ≤ 540 s.
+    finished = plan.plan_distill(
+        45.0, StepCost(0.25, 0.8), finish_share=0.25, validation_seconds=1.5, validations=10
+    )
+    assert finished.distill_iters == 2273 == math.floor(2160 / 0.95) and finished.finish_step_ratio == 0.8
+    # A re-plan after 100 steps fills what is left the same way: (2280 − 100 − 570)·0.25 + 570·0.2 = 516.5.
+    assert run_length(516.5, 0.25, done=100, finish_share=0.25, finish_ratio=0.8) == 2280
 
 
 def test_the_l2_finish_is_the_last_fraction_of_the_run():
@@ -297,9 +314,9 @@ def test_resume_under_a_budget_is_bit_identical(tmp_path, shared_weights, crops,
     """With a teacher-driven loss, so that the teacher's labelling is planned and repeated too. The
     step timings are fixed so that the plan has a few iterations however busy the machine is."""
     monkeypatch.setattr("core.pipeline.measure_prune_step", lambda *args, **kwargs: 3.0)
-    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 10.0)
+    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: StepCost(10.0))
     # and the re-plan after the warm-up (its 2nd step) to 6 more: it is recorded, so both runs agree
-    monkeypatch.setattr("core.distill.stage.iterations_within", lambda seconds, step_seconds: 6)
+    monkeypatch.setattr("core.distill.stage.run_length", lambda *args, **kwargs: 2 + 6)
     teacher = shared_weights / "RLFN_s_x2.pth"
     config = budget_config(teacher, crops, checkpoint_every=2, distill_loss="pixel_hf", budget_minutes=2)
     killed = tmp_path / "killed"
@@ -340,7 +357,7 @@ def test_a_plan_from_a_pessimistic_measurement_is_replanned_to_fill_the_budget(
 ):
     """A step measured far slower than it runs (here 1 s) plans a handful of iterations; the run
     re-plans after its warm-up from the steps it took, to many more, and still ends within the budget."""
-    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 1.0)
+    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: StepCost(1.0))
     report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
     plan, distill = report.budget, report.distill
     assert distill.planned_iterations == plan.distill_iters and distill.replan is not None
@@ -357,11 +374,22 @@ def test_a_replanned_run_keeps_its_number_of_validations():
     assert replanned(config.model_copy(update={"validate_every": 0}), 540).validate_every == 0
 
 
+def test_a_run_ending_on_an_l2_finish_measures_that_step_too(shared_weights, crops):
+    """The plan prices the finish at its own cost (a ratio to the run's step); other runs measure one."""
+    model, _ = load_checkpoint(shared_weights / "RLFN_s_x2.pth", preset="rlfn_s", scale=2)
+    data = TrainImages.from_folders(crops, 2, lr_patch=16, batch_size=2)
+    config, cpu = DistillConfig(loss="l1_gt", l2_finish=0.25), torch.device("cpu")
+    cost = measure_distill_step(model, None, data, None, config, cpu)
+    assert cost.seconds > 0 and cost.finish_ratio > 0 and cost.finish_ratio != 1.0
+    plain = measure_distill_step(model, None, data, None, config.model_copy(update={"l2_finish": 0}), cpu)
+    assert plain.finish_ratio == 1.0
+
+
 @pytest.mark.slow
 def test_a_machine_slower_than_its_plan_stops_at_the_budget(tmp_path, shared_weights, crops, monkeypatch):
     """A step measured 1,000x too fast plans far more iterations than the budget holds: distillation
     stops at the budget's end, says so, and the job still finishes with a student."""
-    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: 1e-5)
+    monkeypatch.setattr("core.pipeline.measure_distill_step", lambda *args, **kwargs: StepCost(1e-5))
     report = run_pipeline(budget_config(shared_weights / "RLFN_s_x2.pth", crops), tmp_path)
     plan = report.budget
     assert report.distill.stopped_early and report.distill.iterations < plan.distill_iters

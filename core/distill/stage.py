@@ -53,7 +53,7 @@ from core.loop import (
 from core.losses import LossParts, distill_loss_parts
 from core.recipe import DISTILL_LOSSES, loss_needs_teacher
 from core.results import DistillResult, LossPoint, Replan, ValPoint
-from core.schedule import LrSchedule, ema_decay_for, iterations_within, lr_factor, warmup_steps
+from core.schedule import LrSchedule, StepCost, ema_decay_for, lr_factor, run_length, warmup_steps
 
 # lr ×0.5 at these fractions of the run: the authors' KD configs scaled to any budget (method.md §5.3).
 DEFAULT_MILESTONES = {"edsr": [0.25], "swinir": [0.3125, 0.5, 0.5625], "rlfn": [0.25, 0.5, 0.75]}
@@ -89,6 +89,9 @@ class DistillConfig(BaseModel):
         "`reserve_seconds` at the step time the loop itself measured",
     )
     reserve_seconds: float = Field(0.0, ge=0, description="what validations will take of `max_seconds`")
+    finish_step_ratio: float = Field(
+        1.0, gt=0, description="an `l2_finish` step's measured cost over a step of `loss`, for the re-plan"
+    )
 
     @field_validator("loss")
     @classmethod
@@ -217,9 +220,10 @@ def measure_distill_step(
     config: DistillConfig,
     device: torch.device,
     min_seconds: float = 0.0,
-) -> float:
+) -> StepCost:
     """Seconds per distillation step on this machine (the step and its EMA update, as the loop runs
-    them), on throwaway copies of the student, its average and the optimizer."""
+    them), on throwaway copies of the student, its average and the optimizer; and when the run ends on
+    an L2 finish, that step's cost relative to it (from a measurement half as long)."""
     student = copy.deepcopy(student).to(device, memory_format=CHANNELS_LAST).train()
     ema = EMA(student, config.ema_decay)
     optimizer = make_optimizer(student, config)
@@ -229,12 +233,20 @@ def measure_distill_step(
     if teacher is not None:
         teacher = teacher.to(device, memory_format=CHANNELS_LAST).eval().requires_grad_(False)
 
-    def step(k: int) -> None:
-        parts = train_step(student, teacher, optimizer, scaler, data, k, targets, config, device)
-        float(parts.total.detach())
-        ema.update(student, 1)
+    def seconds_of(loss: str, min_seconds: float) -> float:
+        run = config.model_copy(update={"loss": loss, "l2_finish": 0.0})
 
-    return seconds_per_step(step, min_seconds=min_seconds)
+        def step(k: int) -> None:
+            parts = train_step(student, teacher, optimizer, scaler, data, k, targets, run, device)
+            float(parts.total.detach())
+            ema.update(student, 1)
+
+        return seconds_per_step(step, min_seconds=min_seconds)
+
+    seconds = seconds_of(config.loss, min_seconds)
+    if config.l2_finish == 0 or config.loss == "l2_gt":
+        return StepCost(seconds)
+    return StepCost(seconds, seconds_of("l2_gt", min_seconds / 2) / seconds)
 
 
 def run_distill(
@@ -349,7 +361,9 @@ def run_distill(
             replan = Replan(
                 at_iteration=iteration,
                 step_seconds=step_seconds,
-                iterations=iteration + iterations_within(left, step_seconds),
+                iterations=run_length(
+                    left, step_seconds, iteration, config.l2_finish, config.finish_step_ratio
+                ),
             )
             config = replanned(config, replan.iterations)
             milestones = milestones_at(fractions, config.iterations)
