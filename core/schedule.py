@@ -72,7 +72,7 @@ def run_length(
 
 class StepCost(NamedTuple):
     """A distillation step's measured seconds, and what an L2-finish step costs relative to it (no
-    teacher target and no high-frequency pyramid: about 0.9 on a 2-core CPU)."""
+    teacher target and no high-frequency pyramid: 0.91–0.95 on a 2-core EPYC, bench/RESULTS.md)."""
 
     seconds: float
     finish_ratio: float = 1.0
