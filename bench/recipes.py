@@ -46,7 +46,8 @@ VARIANTS: dict[str, dict] = {
     "patch64_l2": {"patch_size": 64, "l2_finish": 0.25},
     # the student's shape at the same size: the rule's (20, 1, 4) spends half its 44,864 params on four
     # ESAs of the teacher's width 16; three blocks of 24 channels (43,068 params, a multiple of the
-    # CPU's SIMD width) trade one ESA for a wider body and a ~15% cheaper step on AVX2
+    # CPU's SIMD width) trade one ESA for a wider body and a 21% cheaper step on AVX2 (tied at 50
+    # minutes, bench/RESULTS.md)
     "wide_shallow": {"student": (24, 1, 3)},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},
