@@ -45,7 +45,8 @@ VARIANTS: dict[str, dict] = {
     # 6x6 cells of context) and the last quarter on PSNR's own loss
     "patch64_l2": {"patch_size": 64, "l2_finish": 0.25},
     # the next step of the same lever at about the same pixels per step (8 x 96² vs 16 x 64²): twice
-    # the ESA's context per patch, half the patches per batch (5 of the 53 T91 images are too small)
+    # the ESA's context per patch, half the patches per batch (5 of the 53 T91 images are too small);
+    # lost to patch64_l2 by 0.05 dB held-out at 50 minutes, a 17% dearer step (bench/RESULTS.md)
     "patch96_batch8_l2": {"patch_size": 96, "batch_size": 8, "l2_finish": 0.25},
     # the student's shape at the same size: the rule's (20, 1, 4) spends half its 44,864 params on four
     # ESAs of the teacher's width 16; three blocks of 24 channels (43,068 params, a multiple of the
