@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict] = {
     # CPU's SIMD width) trade one ESA for a wider body and a 21% cheaper step on AVX2 (tied at 50
     # minutes, bench/RESULTS.md)
     "wide_shallow": {"student": (24, 1, 3)},
+    # the same student trained over-parameterized: every 3×3 conv with a 1×1 branch and a 1×1→3×3
+    # expansion to twice its inputs, folded into one 3×3 after training (core.models.overparam)
+    "patch64_l2_overparam": {"patch_size": 64, "l2_finish": 0.25, "overparam": 2.0},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},
     # precision (`auto`, fast's own, is bf16 where the CPU has native bf16; bf16 falls back to fp32,

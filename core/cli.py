@@ -217,6 +217,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         "distill_lr": args.distill_lr,
         "batch_size": args.batch_size,
         "patch_size": args.patch_size,
+        "overparam": args.overparam,
         "nb_rounding": args.rounding,
         "teacher_cache": not args.no_teacher_cache,
         "student_init": args.student_init,
@@ -356,6 +357,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", type=int, help="training images held out to choose the checkpoint")
     p.add_argument("--batch-size", type=int, help="patches per step (default: the recipe's)")
     p.add_argument("--patch-size", type=int, help="LR patch size (default: the recipe's)")
+    p.add_argument(
+        "--overparam",
+        type=float,
+        help="train 3×3 convs with expansion branches of this × their inputs, folded after (0: off)",
+    )
     p.add_argument("--rounding", choices=["paper-compat", "nearest", "floor"])
     p.add_argument("--no-teacher-cache", action="store_true", help="run the teacher at every KD step")
     p.add_argument(

@@ -65,6 +65,13 @@ class JobParams(BaseModel):
     precision: Precision | None = Field(
         None, description="training precision (auto: bf16 on GPUs and on CPUs with native bf16)"
     )
+    overparam: float | None = Field(
+        None,
+        ge=0,
+        le=8,
+        description="train 3×3 convs with expansion branches of this × their inputs, "
+        "folded after training (0: off)",
+    )
     student_init: StudentInit | None = Field(
         None, description="scratch (the paper) or inherit the pruned teacher's weights"
     )

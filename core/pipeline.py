@@ -239,6 +239,7 @@ def run_pipeline(
                 ema_decay=recipe.ema_decay,
                 ema_horizon=recipe.ema_horizon,
                 precision=recipe.precision,
+                overparam=recipe.overparam,
                 teacher_cache=config.teacher_cache,
                 checkpoint_every=config.checkpoint_every,
             )

@@ -130,11 +130,11 @@ def test_fast_is_the_default_and_every_knob_stays_overridable():
     assert params.recipe == "fast" and params.resolved_recipe() == RECIPES["fast"]
     recipe = JobParams(
         model="rlfn_s", scale=2, distill_lr=5e-4, distill_loss="blend", lr_schedule="linear", alpha=0.3,
-        l2_finish=0.1,
+        l2_finish=0.1, overparam=2.0,
     ).resolved_recipe()  # fmt: skip
     assert (recipe.lr, recipe.loss, recipe.schedule, recipe.alpha) == (5e-4, "blend", "linear", 0.3)
-    assert recipe.l2_finish == 0.1
-    assert recipe.overridden == ["alpha", "l2_finish", "loss", "lr", "schedule"]
+    assert (recipe.l2_finish, recipe.overparam) == (0.1, 2.0)
+    assert recipe.overridden == ["alpha", "l2_finish", "loss", "lr", "overparam", "schedule"]
 
 
 def test_fast_changes_with_the_time_budget_unless_the_job_says_otherwise():
@@ -147,6 +147,7 @@ def test_fast_changes_with_the_time_budget_unless_the_job_says_otherwise():
     assert tiered(recipe()) == tiered(recipe(budget_minutes=29.9)) == ("l1_gt", 48, 0.0)
     assert tiered(recipe(budget_minutes=30)) == tiered(recipe(budget_minutes=59)) == ("pixel_hf", 48, 0.0)
     assert tiered(recipe(budget_minutes=60)) == ("pixel_hf", 64, 0.25)
+    assert recipe(budget_minutes=59).overparam == 0.0 and recipe(budget_minutes=60).overparam == 2.0
     assert recipe(budget_minutes=60).overridden == []
     # the job's own values win over every tier
     own = recipe(budget_minutes=120, distill_loss="blend", patch_size=32, l2_finish=0.0)

@@ -51,6 +51,7 @@ from core.loop import (
     to_device,
 )
 from core.losses import LossParts, distill_loss_parts
+from core.models.overparam import fold, overparameterize
 from core.recipe import DISTILL_LOSSES, loss_needs_teacher
 from core.results import DistillResult, LossPoint, Replan, ValPoint
 from core.schedule import LrSchedule, StepCost, ema_decay_for, lr_factor, run_length, warmup_steps
@@ -78,6 +79,13 @@ class DistillConfig(BaseModel):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     ema_horizon: float | None = Field(None, gt=0, le=1, description="EMA spans at most this fraction")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    overparam: float = Field(
+        0.0,
+        ge=0,
+        le=8,
+        description="train 3×3 convs over-parameterized, expanding to this × their "
+        "inputs (core.models.overparam), folded after training; 0: off",
+    )
     teacher_cache: bool = Field(True, description="crop teacher targets from a once-computed output")
     validate_every: int = Field(500, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(200, ge=1)
@@ -224,7 +232,10 @@ def measure_distill_step(
     """Seconds per distillation step on this machine (the step and its EMA update, as the loop runs
     them), on throwaway copies of the student, its average and the optimizer; and when the run ends on
     an L2 finish, that step's cost relative to it (from a measurement half as long)."""
-    student = copy.deepcopy(student).to(device, memory_format=CHANNELS_LAST).train()
+    student = copy.deepcopy(student)
+    if config.overparam:
+        overparameterize(student, config.overparam)
+    student = student.to(device, memory_format=CHANNELS_LAST).train()
     ema = EMA(student, config.ema_decay)
     optimizer = make_optimizer(student, config)
     scaler = torch.amp.GradScaler(
@@ -275,6 +286,8 @@ def run_distill(
     warm = warmup_steps(config.warmup, planned)
     replan_at = replan_point(config, warm)
     precision = resolve_precision(config.precision, device)
+    if config.overparam:  # in place, like the training itself; `fold` below undoes it on the result
+        overparameterize(student, config.overparam)
     student = student.to(device, memory_format=CHANNELS_LAST).train()
     ema_decay = ema_decay_for(planned, config.ema_decay, config.ema_horizon)
     ema = EMA(student, ema_decay)
@@ -431,4 +444,4 @@ def run_distill(
         precision=precision.name,
         precision_reason=precision.reason,
     )
-    return final.eval(), result
+    return fold(final).eval(), result
