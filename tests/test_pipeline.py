@@ -113,13 +113,18 @@ def _cli_compress(teacher: Path, images: Path, out: Path, *extra: str) -> list[s
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_bit_identical_weights(tmp_path, teacher, tiny_images):
+@pytest.mark.parametrize("extra", [(), ("--overparam", "2")], ids=["plain", "overparam"])
+def test_killed_run_resumes_to_bit_identical_weights(tmp_path, teacher, tiny_images, extra):
+    """Over-parameterized training checkpoints the expanded weights; the resumed run must re-expand the
+    student before it loads them and fold it after, exactly as the uninterrupted run does."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same kernels in every process
     reference = tmp_path / "reference"
-    subprocess.run(_cli_compress(teacher, tiny_images, reference), check=True, env=env, capture_output=True)
+    subprocess.run(
+        _cli_compress(teacher, tiny_images, reference, *extra), check=True, env=env, capture_output=True
+    )
 
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(_cli_compress(teacher, tiny_images, resumed), env=env,
+    process = subprocess.Popen(_cli_compress(teacher, tiny_images, resumed, *extra), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     checkpoint = resumed / "distilling.pt"
     deadline = time.monotonic() + 300
@@ -136,11 +141,16 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path, teacher, tiny_ima
     assert not (resumed / "out" / "report.json").exists()
 
     run = subprocess.run(
-        _cli_compress(teacher, tiny_images, resumed, "--resume"), env=env, capture_output=True, text=True
+        _cli_compress(teacher, tiny_images, resumed, *extra, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     state = json.loads((resumed / "state.json").read_text())
     assert state["results"]["distilling"]["iterations"] == 40
+    recorded = CompressionReport.model_validate_json((resumed / "out" / "report.json").read_text())
+    assert recorded.recipe.overparam == (2.0 if extra else 0.0)
     a = load_file(reference / "out" / "model.safetensors")
     b = load_file(resumed / "out" / "model.safetensors")
     assert a.keys() == b.keys()
