@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict] = {
     # the same student trained over-parameterized: every 3×3 conv with a 1×1 branch and a 1×1→3×3
     # expansion to twice its inputs, folded into one 3×3 after training (core.models.overparam)
     "patch64_l2_overparam": {"patch_size": 64, "l2_finish": 0.25, "overparam": 2.0},
+    # the same, alone: does it pay on budgets below the 60-minute tier too?
+    "overparam": {"overparam": 2.0},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},
     # precision (`auto`, fast's own, is bf16 where the CPU has native bf16; bf16 falls back to fp32,
