@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict] = {
     # the same student trained over-parameterized: every 3×3 conv with a 1×1 branch and a 1×1→3×3
     # expansion to twice its inputs, folded into one 3×3 after training (core.models.overparam)
     "patch64_l2_overparam": {"patch_size": 64, "l2_finish": 0.25, "overparam": 2.0},
-    # the same, alone: does it pay on budgets below the 60-minute tier too?
+    # the same, alone, on a budget below the 60-minute tier (it won at 30 minutes: bench/RESULTS.md)
     "overparam": {"overparam": 2.0},
     # teacher-labelled data: the same scenes downscaled, labelled by the teacher like any image
     "rescale": {"rescales": [0.75, 0.5]},

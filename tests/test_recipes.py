@@ -147,7 +147,8 @@ def test_fast_changes_with_the_time_budget_unless_the_job_says_otherwise():
     assert tiered(recipe()) == tiered(recipe(budget_minutes=29.9)) == ("l1_gt", 48, 0.0)
     assert tiered(recipe(budget_minutes=30)) == tiered(recipe(budget_minutes=59)) == ("pixel_hf", 48, 0.0)
     assert tiered(recipe(budget_minutes=60)) == ("pixel_hf", 64, 0.25)
-    assert recipe(budget_minutes=59).overparam == 0.0 and recipe(budget_minutes=60).overparam == 2.0
+    assert recipe(budget_minutes=29.9).overparam == 0.0
+    assert recipe(budget_minutes=30).overparam == recipe(budget_minutes=60).overparam == 2.0
     assert recipe(budget_minutes=60).overridden == []
     # the job's own values win over every tier
     own = recipe(budget_minutes=120, distill_loss="blend", patch_size=32, l2_finish=0.0)
